@@ -1,0 +1,265 @@
+"""Filter evaluation: recall of relevant passages against the fraction of the corpus kept.
+
+    python eval_filter.py --checkpoint runs/demo/kmer_vqvae_phase2_aligned.pt --dataset cisi
+    python eval_filter.py --checkpoint runs/demo/kmer_vqvae_phase2_aligned.pt --dataset squad
+    python eval_filter.py --checkpoint kmer_vqvae_phase2_aligned.pt --dataset beir --beir_dir path/to/scifact
+
+Every passage goes into one code; a query probes its n nearest codes (n = 1, 2, 4, ...), and the
+passages in them are the candidates. In the same run, on the same queries, three anchors:
+FAISS IVF with as many lists on the teacher's embeddings (what a user would pick instead),
+random codes (the floor) and the teacher's exact top-k at the same budget (the ceiling).
+Writes <output_dir>/<dataset>_filter_eval.json and .png.
+
+SQuAD dev: only the articles reserved for evaluation (`squad_eval_article`, half of them by title
+hash); Phase 2 never trains or validates on those.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from train_common import REPO, UserError
+
+FRACTIONS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def _open(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _find(folder: str, name: str) -> str:
+    for cand in (name, name + ".gz"):
+        if os.path.isfile(os.path.join(folder, cand)):
+            return os.path.join(folder, cand)
+    raise UserError(f"{folder} has no {name}: a BEIR folder needs corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
+
+
+def load_beir(folder: str, split: str = "test"):
+    """-> (doc ids, doc texts, query ids, query texts, {qid: set(doc ids)}) with graded qrels > 0."""
+    docs = [json.loads(l) for l in _open(_find(folder, "corpus.jsonl"))]
+    doc_ids = [str(d["_id"]) for d in docs]
+    doc_texts = [(f"{d['title']}. " if d.get("title") else "") + d.get("text", "") for d in docs]
+    queries = {str(q["_id"]): q["text"] for q in map(json.loads, _open(_find(folder, "queries.jsonl")))}
+    qrels: dict[str, set] = {}
+    known = set(doc_ids)
+    with _open(_find(os.path.join(folder, "qrels"), f"{split}.tsv")) as f:
+        for i, line in enumerate(f):
+            parts = line.rstrip("\n").split("\t")
+            if i == 0 and not parts[-1].lstrip("-").isdigit():
+                continue  # header
+            qid, did, score = parts[0], parts[1], float(parts[-1])
+            if score > 0 and did in known and qid in queries:
+                qrels.setdefault(qid, set()).add(did)
+    qids = sorted(qrels)
+    return doc_ids, doc_texts, qids, [queries[q] for q in qids], qrels
+
+
+def load_squad(path: str):
+    """SQuAD dev as retrieval over the evaluation half of its articles."""
+    from vqvae_phase2_data import read_squad_local, squad_eval_article
+    rows = read_squad_local(path) or [json.loads(l) for l in _open(path)]
+    rows = [r for r in rows if squad_eval_article(r["title"])]
+    contexts = list(dict.fromkeys(r["context"] for r in rows))
+    cid = {c: str(i) for i, c in enumerate(contexts)}
+    qids = [str(i) for i in range(len(rows))]
+    titles = sorted({r["title"] for r in rows})
+    return ([cid[c] for c in contexts], contexts, qids, [r["question"] for r in rows],
+            {q: {cid[r["context"]]} for q, r in zip(qids, rows)}, titles)
+
+
+def recall_curves(code_of_doc: np.ndarray, probe_order: np.ndarray, rel_docs: list[np.ndarray],
+                  fractions=FRACTIONS) -> tuple[dict, list[dict]]:
+    """Recall at corpus fractions (partial last code counted by its expected share) + n-probe table.
+
+    code_of_doc (N,), probe_order (Q, K) codes nearest-first, rel_docs[q] indices of relevant docs.
+    """
+    N, K = len(code_of_doc), probe_order.shape[1]
+    sizes = np.bincount(code_of_doc, minlength=K).astype(np.float64)
+    at_fraction = {f: [] for f in fractions}
+    probes = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= K]
+    table = {n: ([], []) for n in probes}
+    for order, rel in zip(probe_order, rel_docs):
+        s = sizes[order]
+        r = np.bincount(code_of_doc[rel], minlength=K).astype(np.float64)[order]
+        cum_s, cum_r = np.cumsum(s), np.cumsum(r)
+        for f in fractions:
+            budget = f * N
+            j = int(np.searchsorted(cum_s, budget, side="right"))  # codes 0..j-1 fit entirely
+            got = cum_r[j - 1] if j > 0 else 0.0
+            if j < K and s[j] > 0:
+                got += r[j] * (budget - (cum_s[j - 1] if j > 0 else 0.0)) / s[j]
+            at_fraction[f].append(got / len(rel))
+        for n in probes:
+            table[n][0].append(cum_s[n - 1] / N)
+            table[n][1].append(cum_r[n - 1] / len(rel))
+    curve = {str(f): float(np.mean(v)) for f, v in at_fraction.items()}
+    rows = [{"n_probe": n, "fraction_kept": float(np.mean(table[n][0])), "recall": float(np.mean(table[n][1]))}
+            for n in probes]
+    return curve, rows
+
+
+def exact_recall(q_emb: np.ndarray, d_emb: np.ndarray, rel_docs, fractions=FRACTIONS) -> dict:
+    """Teacher exact top-k at the same budget (fractional k counted by expected share)."""
+    sims = q_emb @ d_emb.T
+    ranks = (-sims).argsort(1).argsort(1)  # rank of each doc per query
+    N = d_emb.shape[0]
+    out = {}
+    for f in fractions:
+        k = f * N
+        vals = [np.clip(k - ranks[i, rel], 0, 1).sum() / len(rel) for i, rel in enumerate(rel_docs)]
+        out[str(f)] = float(np.mean(vals))
+    return out
+
+
+def perplexity(codes: np.ndarray, K: int) -> float:
+    p = np.bincount(codes, minlength=K) / len(codes)
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def ivf_on_teacher(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int):
+    import faiss
+    k = min(K, d_emb.shape[0])
+    km = faiss.Kmeans(d_emb.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False,
+                      min_points_per_centroid=1)
+    km.train(d_emb.astype(np.float32))
+    _, doc_code = km.index.search(d_emb.astype(np.float32), 1)
+    _, order = km.index.search(q_emb.astype(np.float32), k)
+    return doc_code[:, 0].astype(np.int64), order.astype(np.int64), k
+
+
+def plot(results: dict, path: str, title: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, res in results.items():
+        xs = [float(f) for f in res["recall_at_fraction"]]
+        ax.plot(xs, list(res["recall_at_fraction"].values()), marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of corpus kept")
+    ax.set_ylabel("recall of relevant passages")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a Phase 2 (or 1a/1b) checkpoint")
+    ap.add_argument("--dataset", default="cisi", choices=("cisi", "squad", "beir"))
+    ap.add_argument("--beir_dir", default="", help="BEIR folder for --dataset beir")
+    ap.add_argument("--squad_file", default=os.path.join(REPO, "data", "pairs", "squad_dev.jsonl.gz"),
+                    help="SQuAD dev: the bundled rows, or the original dev-v1.1.json(.zip)")
+    ap.add_argument("--split", default="test", help="qrels split")
+    ap.add_argument("--output_dir", default="", help="default: the checkpoint's folder")
+    ap.add_argument("--teacher", default="")
+    ap.add_argument("--teacher_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args) -> dict:
+    from teacher import Teacher, TeacherError
+    from vqvae_phase1_model import CheckpointError, load_pretrained
+    # 1. data
+    extra = {}
+    if args.dataset == "squad":
+        doc_ids, docs, qids, queries, qrels, titles = load_squad(args.squad_file)
+        extra["squad_eval_articles"] = titles
+    else:
+        folder = args.beir_dir or os.path.join(REPO, "data", "retrieval", "cisi")
+        doc_ids, docs, qids, queries, qrels = load_beir(folder, args.split)
+    index = {d: i for i, d in enumerate(doc_ids)}
+    rel_docs = [np.array(sorted(index[d] for d in qrels[q])) for q in qids]
+    print(f"{args.dataset}: {len(docs)} passages, {len(queries)} queries with relevant passages")
+
+    # 2. student codes
+    try:
+        filt = load_pretrained(args.checkpoint)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    K = filt.model.config.num_codes
+    t0 = time.time()
+    p_out = filt.encode(docs, role="passage")
+    student_pps = len(docs) / (time.time() - t0)
+    q_out = filt.encode(queries, role="query", top_n=K)
+    doc_code = p_out["indices"].numpy()
+    results = {}
+    curve, rows = recall_curves(doc_code, q_out["top_indices"].numpy(), rel_docs)
+    results["kmer_vqvae"] = {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(doc_code, K),
+                             "codes": K}
+
+    # 3. anchors: IVF on teacher, random, exact teacher
+    try:
+        teacher = Teacher.load(args.teacher, args.device, args.teacher_cache or None)
+    except TeacherError as e:
+        raise UserError(str(e)) from None
+    sample = docs[:128]
+    t0 = time.time()
+    teacher.encode_uncached(sample)
+    teacher_pps = len(sample) / (time.time() - t0)
+    d_emb = teacher.embed(docs).float().numpy()
+    q_emb = teacher.embed(queries).float().numpy()
+    teacher.flush()
+    ivf_code, ivf_order, k_ivf = ivf_on_teacher(d_emb, q_emb, K, args.seed)
+    curve, rows = recall_curves(ivf_code, ivf_order, rel_docs)
+    results["ivf_teacher"] = {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(ivf_code, k_ivf),
+                              "codes": k_ivf}
+    rng = np.random.default_rng(args.seed)
+    rand_code = rng.integers(K, size=len(docs))
+    rand_order = np.stack([rng.permutation(K) for _ in queries])
+    curve, rows = recall_curves(rand_code, rand_order, rel_docs)
+    results["random"] = {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(rand_code, K), "codes": K}
+    results["exact_teacher"] = {"recall_at_fraction": exact_recall(q_emb, d_emb, rel_docs)}
+
+    # 4. report
+    out_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
+    os.makedirs(out_dir, exist_ok=True)
+    report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "passages": len(docs),
+              "queries": len(queries), "methods": results,
+              "passages_per_s": {"kmer_vqvae": student_pps, "teacher": teacher_pps,
+                                 "ratio": student_pps / teacher_pps}, **extra}
+    json_path = os.path.join(out_dir, f"{args.dataset}_filter_eval.json")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    png_path = json_path.replace(".json", ".png")
+    plot(results, png_path, f"{args.dataset}: {len(docs)} passages, {len(queries)} queries")
+    print(format_table(report))
+    print(f"wrote {json_path} and {png_path}")
+    report["json"], report["png"] = json_path, png_path
+    return report
+
+
+def format_table(report: dict) -> str:
+    fr = list(report["methods"]["kmer_vqvae"]["recall_at_fraction"])
+    head = "| method | " + " | ".join(f"R@{float(f) * 100:g}%" for f in fr) + " | corpus ppl |"
+    lines = [head, "|" + "---|" * (len(fr) + 2)]
+    for name, res in report["methods"].items():
+        ppl = f"{res['perplexity']:.0f}" if "perplexity" in res else "-"
+        lines.append(f"| {name} | " + " | ".join(f"{res['recall_at_fraction'][f]:.3f}" for f in fr) + f" | {ppl} |")
+    sp = report["passages_per_s"]
+    lines.append(f"passages/s: k-mer {sp['kmer_vqvae']:.0f}, teacher {sp['teacher']:.1f} "
+                 f"(ratio {sp['ratio']:.1f}x)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqvae_phase1_model import KmerVQVAE, KmerVQVAEConfig, VectorQuantizer, codebook_health, spherical_kmeans
+
+TEXTS = ["the cat sat on the mat", "quantum chromodynamics at hadron colliders", "",
+         "a longer passage " * 30]
+
+
+def test_shapes(tiny_model):
+    tok = tiny_model.tokenizer()
+    b = tok(TEXTS)
+    out = tiny_model.encode(b["input_ids"], b["attention_mask"], b["text_index"], b["num_texts"], top_n=3)
+    assert out["z_e"].shape == (4, 32)
+    assert out["z_q"].shape == (4, 32) and out["indices"].shape == (4,)
+    assert out["top_indices"].shape == (4, 3)
+    assert torch.equal(out["top_indices"][:, 0], out["indices"])
+    # per-window encode, as in the seed's snippet
+    w = tiny_model.encode(b["input_ids"], b["attention_mask"])
+    assert w["indices"].shape == (b["input_ids"].shape[0],)
+
+
+def test_extra_padding_does_not_change_z_e(tiny_model):
+    tiny_model.eval()
+    cfg = tiny_model.config
+    tok = tiny_model.tokenizer()
+    b = tok(["short text here"])
+    ids, mask = b["input_ids"], b["attention_mask"]
+    n = int(mask.sum())
+    z_full = tiny_model.encode_windows(ids, mask)
+    keep = -(-n // cfg.kmer_pool) * cfg.kmer_pool  # trim padding to a pool multiple
+    z_trim = tiny_model.encode_windows(ids[:, :keep], mask[:, :keep])
+    assert keep < ids.shape[1]
+    assert torch.allclose(z_full, z_trim, atol=1e-5)
+
+
+def test_multi_window_pooling_is_length_weighted(tiny_model):
+    tiny_model.eval()
+    tok = tiny_model.tokenizer()
+    b = tok(["word " * 40])
+    assert b["input_ids"].shape[0] > 1
+    z_w, lengths = tiny_model.encoder(b["input_ids"], b["attention_mask"])
+    expected = (z_w * lengths[:, None]).sum(0) / lengths.sum()
+    got = tiny_model.encode_windows(b["input_ids"], b["attention_mask"], b["text_index"], 1)
+    assert torch.allclose(got[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_decoding_indices_gives_z_q(tiny_config, distance):
+    model = KmerVQVAE(**{**tiny_config, "distance": distance}).eval()
+    b = model.tokenizer()(TEXTS)
+    out = model.encode(b["input_ids"], b["attention_mask"], b["text_index"], b["num_texts"])
+    assert torch.allclose(model.quantizer.decode_indices(out["indices"]), out["z_q"], atol=1e-6)
+    # and the index is the nearest code
+    sim = model.quantizer.similarity(out["z_code"])
+    assert torch.equal(sim.argmax(1), out["indices"])
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_ema_step_matches_vector_quantize_pytorch(cosine):
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    torch.manual_seed(0)
+    d, K = 8, 16
+    ref = vqp.VectorQuantize(dim=d, codebook_size=K, decay=0.99, eps=1e-5, kmeans_init=False,
+                             use_cosine_sim=cosine, commitment_weight=1.0).train()
+    cfg = KmerVQVAEConfig(d_model=d, num_codes=K, distance="cosine" if cosine else "euclidean", ema_decay=0.99,
+                          center_codes=False)
+    ours = VectorQuantizer(cfg).train()
+    with torch.no_grad():
+        ours.codebook.copy_(ref._codebook.embed[0])
+        ours.ema_sum.copy_(ref._codebook.embed_avg[0])
+        ours.ema_count.copy_(ref._codebook.cluster_size[0])
+        ours.initialized.fill_(True)
+    x = torch.randn(64, d)
+    for _ in range(3):
+        _, ref_idx, _ = ref(x[None])
+        out = ours(x)
+        assert torch.equal(out["indices"], ref_idx[0])
+    assert torch.allclose(ours.ema_count, ref._codebook.cluster_size[0], atol=1e-5)
+    assert torch.allclose(ours.codebook, ref._codebook.embed[0], atol=1e-5)
+
+
+def test_frozen_and_grad_modes(tiny_model):
+    q = tiny_model.quantizer.train()
+    q.initialized.fill_(True)
+    before = q.codebook.detach().clone()
+    q.set_mode("frozen")
+    q(torch.randn(32, 32))
+    assert torch.equal(before, q.codebook)
+    q.set_mode("grad")
+    out = q(torch.randn(32, 32, requires_grad=True))
+    out["commit_loss"].backward()
+    assert q.codebook.grad is not None and q.codebook.grad.abs().sum() > 0
+    assert torch.equal(before, q.codebook)  # grad mode: changes only through an optimizer
+
+
+def test_straight_through_passes_gradient(tiny_model):
+    q = tiny_model.quantizer.train()
+    z = torch.randn(8, 32, requires_grad=True)
+    q(z)["z_q"].sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_dead_code_restart_revives_unused_codes():
+    cfg = KmerVQVAEConfig(d_model=8, num_codes=16, center_codes=False)
+    q = VectorQuantizer(cfg).train()
+    with torch.no_grad():
+        q.initialized.fill_(True)
+        q.codebook.copy_(F.normalize(torch.ones(16, 8) + 0.01 * torch.randn(16, 8), dim=-1))
+    q.ema_count.zero_()
+    q.ema_count[0] = 32.0  # one code takes all the usage
+    recent = torch.randn(256, 8)
+    n = q.restart_dead_codes(recent, batch_size=32, threshold=0.1, generator=torch.Generator().manual_seed(0))
+    assert n == 15
+    assert (q.ema_count[1:] == 2.0).all()  # reset to the expected usage B/K
+    idx = q(recent)["indices"]
+    assert len(idx.unique()) > 8  # the revived codes now win assignments
+
+
+def test_diversity_loss_range_and_gradient():
+    cfg = KmerVQVAEConfig(d_model=8, num_codes=16)
+    q = VectorQuantizer(cfg).train()
+    z = torch.randn(64, 8, requires_grad=True)
+    out = q(z)
+    assert 0.0 <= float(out["diversity_loss"]) <= 1.0
+    q.avg_probs.zero_()
+    q.avg_probs[0] = 1.0  # collapsed running average
+    loss = q(z)["diversity_loss"]
+    assert float(loss) > 0.9
+    loss.backward()
+    assert z.grad.abs().sum() > 0
+
+
+def test_kmeans_init_spreads_codes():
+    torch.manual_seed(0)
+    centers = F.normalize(torch.randn(8, 16), dim=-1)
+    x = centers.repeat_interleave(50, 0) + 0.01 * torch.randn(400, 16)
+    c, counts = spherical_kmeans(x, 8, iters=20)
+    assert (counts > 0).all()
+    assert ((c @ centers.T).max(0).values > 0.99).all()  # every true centre is found
+
+
+def test_state_dict_round_trips_every_buffer(tiny_model, tiny_config):
+    q = tiny_model.quantizer
+    with torch.no_grad():
+        q.initialized.fill_(True)
+        q.ema_count.uniform_(0, 5)
+        q.avg_probs.uniform_(0, 1)
+    clone = KmerVQVAE(**tiny_config)
+    clone.load_state_dict(tiny_model.state_dict())
+    for (k, a), (_, b) in zip(tiny_model.state_dict().items(), clone.state_dict().items()):
+        assert torch.equal(a, b), k
+    for name in ("codebook", "ema_count", "ema_sum", "avg_probs", "initialized", "z_mean"):
+        assert f"quantizer.{name}" in tiny_model.state_dict()
+
+
+def test_codebook_health_on_known_usage():
+    h = codebook_health(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), 8)
+    assert h["perplexity"] == pytest.approx(4.0)
+    assert h["utilisation"] == 0.5 and h["dead_codes"] == 4 and h["max_code_share"] == 0.25
+    assert codebook_health(torch.zeros(10, dtype=torch.long), 4)["perplexity"] == pytest.approx(1.0)
+
+
+def test_training_forward_losses(tiny_model):
+    tok = tiny_model.tokenizer()
+    b = tok.encode_windows(["some text", "more text here"])
+    t = F.normalize(torch.randn(2, 24), dim=-1)
+    out = tiny_model(b["input_ids"], b["attention_mask"], teacher=t)
+    assert "cos_q" not in out  # not initialised: continuous warm-up only
+    tiny_model.quantizer.initialized.fill_(True)
+    out = tiny_model(b["input_ids"], b["attention_mask"], teacher=t, relational_weight=0.5)
+    assert {"cos_q", "commit", "diversity", "relational"} <= set(out)
+    out["loss"].backward()

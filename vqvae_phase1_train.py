@@ -1,0 +1,256 @@
+"""Phase 1a: distil all-MiniLM-L6-v2 into the k-mer encoder through a 1024-code VQ bottleneck.
+
+    python vqvae_phase1_train.py --preset demo                        # bundled samples, CPU, minutes
+    python vqvae_phase1_train.py --data hub --preset full             # WikiText-103 + C4, GPU
+    python vqvae_phase1_train.py --data files --data_files "c4=c4.json.gz;wikitext=wiki.txt"
+    torchrun --nproc_per_node 4 vqvae_phase1_train.py --data hub --preset full
+    python vqvae_phase1_train.py --preset demo --resume               # continue a killed run
+
+Steps: (1) config + seed, (2) data streams and teacher, (3) model and optimizer (or resume),
+(4) continuous warm-up, k-means codebook init, VQ training with EMA codebook, diversity loss and
+dead-code restarts, (5) eval + checkpoint at a fixed cadence.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import train_common as tc
+from data_common import parse_data_files, parse_weights
+from teacher import Teacher, TeacherError
+from train_common import CommonConfig, LoopState, UserError, opt
+from vqvae_phase1_model import KmerTokenizer, KmerVQVAE, KmerVQVAEConfig, codebook_health, load_checkpoint
+from vqvae_phase1a_data_webtext import DEFAULT_WEIGHTS, WEBTEXT_SOURCES, WindowStream, eval_windows, webtext_documents
+
+
+@dataclass
+class Phase1Config(CommonConfig):
+    sources: str = opt(DEFAULT_WEIGHTS, "sources and weights, e.g. 'wikitext=0.5,c4=0.5' (also: wikipedia)")
+    c4_docs: int = opt(200_000, "C4 documents streamed from the Hub", min=1)
+    max_tokens_total: int = opt(200_000_000, "k-mers consumed before the run stops (0 = steps only)", min=0)
+    # model (the architecture; later phases read it from the checkpoint)
+    d_model: int = opt(384, "encoder width", min=8)
+    n_layers: int = opt(4, "transformer blocks", min=1)
+    n_heads: int = opt(4, "attention heads", min=1)
+    num_codes: int = opt(1024, "codebook size K", min=2)
+    code_dim: int = opt(0, "code space dim (0 = d_model)", min=0)
+    kmer_len: int = opt(4, "bytes per k-mer", min=1, max=8)
+    kmer_stride: int = opt(1, "bytes between k-mers", min=1)
+    kmer_buckets: int = opt(32768, "hash buckets", min=2)
+    num_hashes: int = opt(2, "hash functions per k-mer (embeddings summed)", min=1, max=4)
+    window_size: int = opt(64, "encoder positions per window", min=1)
+    kmer_pool: int = opt(4, "k-mers mean-pooled per position", min=1)
+    # losses and codebook
+    commitment_weight: float = opt(0.25, "commitment loss weight", min=0)
+    diversity_weight: float = opt(0.2, "diversity loss weight", min=0)
+    continuous_weight: float = opt(1.0, "weight of the cosine loss on the continuous path", min=0)
+    relational_weight: float = opt(0.0, "weight of the in-batch similarity-matrix loss", min=0)
+    ema_decay: float = opt(0.99, "codebook EMA decay", gt=0, max=1)
+    vq_warmup_steps: int = opt(200, "continuous-only distillation steps before k-means init", min=0)
+    kmeans_samples: int = opt(40_000, "encoder outputs for the k-means codebook init", min=2)
+    dead_code_threshold: float = opt(0.1, "restart codes used < this x expected share B/K (0 = off)", min=0)
+    dead_code_every: int = opt(50, "steps between dead-code checks", min=1)
+    shuffle_buffer: int = opt(4096, "windows in the shuffle buffer", min=1)
+    train_windows: int = opt(0, "distinct training windows, cycled as epochs (0 = the whole stream)", min=0)
+    health_size: int = opt(50_000, "held-out windows for codebook health (student only, no teacher)", min=1)
+
+
+PRESETS = {
+    "tiny": dict(d_model=32, n_layers=1, n_heads=2, num_codes=16, kmer_buckets=1024, window_size=16,
+                 batch_size=16, max_steps=30, warmup_steps=5, vq_warmup_steps=10, kmeans_samples=128,
+                 eval_every=10, eval_size=64, log_every=5, dead_code_every=5, shuffle_buffer=64,
+                 max_tokens_total=0, health_size=64, output="runs/tiny/kmer_vqvae_phase1.pt"),
+    "demo": dict(d_model=192, n_layers=2, n_heads=4, batch_size=32, lr=1e-3, max_steps=600, warmup_steps=50,
+                 vq_warmup_steps=200, kmeans_samples=6000, eval_every=300, eval_size=500, health_size=6000,
+                 train_windows=4000, shuffle_buffer=2048, max_tokens_total=0, output="runs/demo/kmer_vqvae_phase1.pt"),
+    "full": dict(batch_size=256, max_steps=4000, warmup_steps=200, vq_warmup_steps=300, eval_every=500,
+                 eval_size=50_000, output="kmer_vqvae_phase1.pt"),
+}
+
+
+def model_config(cfg) -> dict:
+    names = {f.name for f in dataclasses.fields(KmerVQVAEConfig)}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
+
+
+def check_architecture(ckpt_config: dict, requested: dict, path: str):
+    diff = [f"{k}={ckpt_config.get(k)!r} (asked {v!r})" for k, v in requested.items()
+            if k in ckpt_config and ckpt_config[k] != v]
+    if diff:
+        raise UserError(f"{path} was trained with {', '.join(diff[:4])}: drop those flags to resume it, "
+                        f"or choose a new --output")
+
+
+@torch.no_grad()
+def embed_windows(model, tok, windows, device, batch_size=256) -> torch.Tensor:
+    """z_e for many windows (no grad, eval mode), for k-means and evaluation."""
+    out = []
+    for i in range(0, len(windows), batch_size):
+        b = tok.encode_windows(windows[i:i + batch_size])
+        with tc.autocast(device):
+            out.append(model.encode_windows(b["input_ids"].to(device), b["attention_mask"].to(device)).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_distillation(model, tok, windows, targets, device, health_windows=(), batch_size=256) -> dict:
+    """Teacher cosine on both paths, the mean-embedding baseline, and codebook health (on
+    `health_windows` when given: health needs no teacher, so it can use many more windows)."""
+    was = model.training
+    model.eval()
+    cos_q, cos_e, idx = [], [], []
+    for i in range(0, len(windows), batch_size):
+        b = tok.encode_windows(windows[i:i + batch_size])
+        t = targets[i:i + batch_size].to(device).float()
+        with tc.autocast(device):
+            out = model(b["input_ids"].to(device), b["attention_mask"].to(device), teacher=t)
+            zq = model.quantizer.decode_indices(out["indices"])
+            dec_q = model.decode(zq)
+        cos_q.append(F.cosine_similarity(dec_q.float(), t, dim=-1))
+        cos_e.append(F.cosine_similarity(out["decoded_e"].float(), t, dim=-1))
+        idx.append(out["indices"].cpu())
+    indices = torch.cat(idx)
+    if len(health_windows) > len(windows):
+        indices = model.quantizer(embed_windows(model, tok, list(health_windows), device))["indices"].cpu()
+    model.train(was)
+    t = targets.float()
+    baseline = F.cosine_similarity(t, F.normalize(t.mean(0), dim=0)[None], dim=-1).mean()
+    m = {"cos_q": float(torch.cat(cos_q).mean()), "cos_e": float(torch.cat(cos_e).mean()),
+         "cos_mean_baseline": float(baseline), "initialized": bool(model.quantizer.initialized)}
+    if not m["initialized"]:
+        m["cos_q"] = 0.0  # before k-means the codebook is random: report nothing misleading
+    m.update(codebook_health(indices, model.config.num_codes))
+    m["_code_usage"] = torch.bincount(indices, minlength=model.config.num_codes).tolist()
+    return m
+
+
+class CodebookUpkeep:
+    """After each step: k-means init at the end of warm-up, then dead-code restarts."""
+
+    def __init__(self, cfg, model, tok, stream, device, world):
+        self.cfg, self.model, self.tok, self.stream, self.device = cfg, model, tok, stream, device
+        self.recent = collections.deque(maxlen=max(1, 4096 // cfg.batch_size))
+        self.global_batch = cfg.batch_size * world
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.restarted = 0
+
+    def __call__(self, step, logs):
+        q, cfg = self.model.quantizer, self.cfg
+        if not bool(q.initialized) and step >= cfg.vq_warmup_steps:
+            windows = self.stream.take(cfg.kmeans_samples)
+            z = embed_windows(self.model, self.tok, windows, self.device)
+            q.init_from_samples(z, self.global_batch, seed=cfg.seed)
+            logs["kmeans_samples"] = z.shape[0]
+        elif bool(q.initialized) and cfg.dead_code_threshold > 0 and step % cfg.dead_code_every == 0 and self.recent:
+            n = q.restart_dead_codes(torch.cat(list(self.recent)), self.global_batch, cfg.dead_code_threshold,
+                                     generator=self.gen)
+            self.restarted += n
+            logs["restarted"] = n
+        if bool(q.initialized):
+            expected = self.global_batch / q.K
+            logs["run_ppl"] = q.running_perplexity()
+            logs["active_pct"] = 100.0 * float((q.ema_count >= cfg.dead_code_threshold * expected).float().mean())
+        return logs
+
+
+def main(cfg: Phase1Config) -> dict:
+    # 1. config, ranks, seed
+    rank, world = tc.setup_distributed()
+    device = tc.pick_device(cfg.device)
+    tc.seed_everything(cfg.seed + rank)
+    out_path, best_path, run_dir = tc.output_paths(cfg, "kmer_vqvae_phase1.pt")
+    mcfg = model_config(cfg)
+    weights = parse_weights(cfg.sources, WEBTEXT_SOURCES)
+    files = parse_data_files(cfg.data_files)
+
+    # 2. data and teacher
+    tok = KmerTokenizer.from_config(mcfg)
+    docs = lambda split, cycle: webtext_documents(cfg.data, split, weights, files, seed=cfg.seed,
+                                                  c4_docs=cfg.c4_docs, rank=rank if split == "train" else 0,
+                                                  world=world if split == "train" else 1, cycle=cycle)
+    health_windows = eval_windows(docs("validation", False), tok, max(cfg.eval_size, cfg.health_size))
+    held_out = health_windows[:cfg.eval_size]
+    if not held_out:
+        raise UserError("no held-out windows: the validation files are empty")
+    stream = WindowStream(lambda: docs("train", cfg.train_windows == 0), tok, seed=cfg.seed,
+                          shuffle_buffer=cfg.shuffle_buffer, pool_size=cfg.train_windows)
+    try:
+        teacher = Teacher.load(cfg.teacher, str(device), cfg.teacher_cache or None, cfg.teacher_batch_size)
+    except TeacherError as e:
+        raise UserError(str(e)) from None
+    held_targets = teacher.embed(held_out)
+
+    # 3. model, optimizer, resume
+    model = KmerVQVAE(**mcfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = LoopState()
+    if cfg.resume and os.path.exists(out_path):
+        ckpt = load_checkpoint(out_path, phases=("phase1a",))
+        check_architecture(ckpt["base_config"], mcfg, out_path)
+        model.load_state_dict(ckpt["base_model_state_dict"])
+        optimizer.load_state_dict(ckpt["resume"]["optimizer"])
+        torch.set_rng_state(ckpt["resume"]["torch_rng"])
+        state = LoopState.from_checkpoint(ckpt)
+        stream.skip(state.data_position)
+        if rank == 0:
+            print(f"resuming {out_path} at step {state.step} ({state.tokens_seen:,} k-mers seen)")
+    train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    logger = tc.RunLogger(cfg, run_dir, "phase1a", rank)
+    upkeep = CodebookUpkeep(cfg, model, tok, stream, device, world)
+    if rank == 0:
+        print(f"phase 1a: {sum(p.numel() for p in model.parameters()):,} parameters, {len(held_out)} held-out "
+              f"windows, teacher on {device}, data={cfg.data}")
+
+    # 4. the step
+    def train_step(step):
+        windows = stream.take(cfg.batch_size)
+        if len(windows) < cfg.batch_size:
+            raise UserError("the training stream ran dry; check the data files")
+        targets = teacher.embed(windows).to(device)
+        b = tok.encode_windows(windows)
+        mask = b["attention_mask"].to(device)
+        out = train_model(b["input_ids"].to(device), mask, teacher=targets,
+                          continuous_weight=cfg.continuous_weight, relational_weight=cfg.relational_weight)
+        loss = out["loss"]
+        logs = {"cos_e": float(out["cos_e"])}
+        if "cos_q" in out:
+            loss = loss + cfg.diversity_weight * out["diversity_term"]
+            logs.update(cos_q=float(out["cos_q"]), commit=float(out["commit"]), diversity=float(out["diversity"]))
+        upkeep.recent.append(out["z_e"].detach().float())
+        return loss, logs, int(mask.sum()) * world
+
+    def save(st, metrics, is_best):
+        teacher.flush()
+        st.data_position = stream.position
+        ckpt = tc.base_checkpoint("phase1a", cfg, model.config_dict(), model.state_dict(), st, metrics,
+                                  None, optimizer)
+        from vqvae_phase1_model import save_checkpoint
+        save_checkpoint(ckpt, out_path)
+        if is_best:
+            save_checkpoint(ckpt, best_path)
+
+    # 5. train, eval, checkpoint
+    metrics = tc.run_training(
+        cfg, optimizer=optimizer, params=params, train_step=train_step, state=state, logger=logger,
+        evaluate=lambda: evaluate_distillation(model, tok, held_out, held_targets, device, health_windows),
+        save=save, total_steps=cfg.max_steps, max_tokens=cfg.max_tokens_total, device=device,
+        after_step=upkeep, best_key="cos_q", rank=rank, bar_keys=("cos_q", "cos_e", "run_ppl", "active_pct"))
+    teacher.flush()
+    logger.finish()
+    if rank == 0:
+        print(f"wrote {out_path} (teacher texts encoded this run: {teacher.calls:,})")
+    return {"metrics": metrics, "output": out_path, "teacher_calls": teacher.calls, "step": state.step,
+            "tokens_seen": state.tokens_seen}
+
+
+if __name__ == "__main__":
+    tc.run_main(main, Phase1Config, PRESETS, __doc__)

@@ -1,0 +1,214 @@
+"""Phase 2: query/passage adapters so a query and its passages fall into the same codes.
+
+    python vqvae_phase2_train_adapters.py --preset demo --checkpoint runs/demo/kmer_vqvae_phase1b_lora.pt
+    python vqvae_phase2_train_adapters.py --data hub --checkpoint kmer_vqvae_phase1b_lora.pt --preset full
+    python vqvae_phase2_train_adapters.py ... --adapter_type shared --sources squad,nq
+
+Steps: (1) load a Phase 1a or 1b checkpoint (its base and codebook stay frozen), (2) pair streams
+with a deterministic held-out split, (3) dual (or shared) residual adapters, identity at start,
+(4) symmetric InfoNCE on cosine similarity in code space, (5) held-out q2p/p2q accuracy, code
+match and positive similarity at a fixed eval batch size, beside the teacher's own numbers.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import train_common as tc
+from data_common import parse_data_files, parse_weights
+from lora_adapters import QueryPassageAdapters
+from teacher import Teacher, TeacherError
+from train_common import CommonConfig, LoopState, UserError, opt
+from vqvae_phase1_model import load_checkpoint, model_from_checkpoint, normalize_text, save_checkpoint
+from vqvae_phase2_data import HUB_DEFAULT, PAIR_SOURCES, SAMPLE_DEFAULT, PairBatcher, pair_stream
+
+
+@dataclass
+class Phase2Config(CommonConfig):
+    checkpoint: str = opt("kmer_vqvae_phase1b_lora.pt", "a Phase 1a or 1b checkpoint (detected from the file)")
+    sources: str = opt("", f"pair sources and weights (default: {SAMPLE_DEFAULT} for samples, {HUB_DEFAULT} on the Hub)")
+    skip_unavailable: bool = opt(False, "skip (loudly) sources that cannot load instead of stopping")
+    adapter_type: str = opt("dual", "separate query/passage adapters, or one shared", choices=("dual", "shared"))
+    adapter_hidden: int = opt(0, "adapter hidden size (0 = 2 x d_model)", min=0)
+    adapter_dropout: float = opt(0.0, "adapter dropout", min=0, max=1)
+    temperature: float = opt(0.07, "InfoNCE temperature", gt=0)
+    held_out_percent: float = opt(5.0, "share of each source held out (by passage or article hash)", gt=0, max=50)
+    eval_batch_size: int = opt(64, "pairs per in-batch eval (accuracy depends on it)", min=2)
+    train_pairs: int = opt(0, "distinct training pairs, reshuffled each epoch (0 = the whole stream)", min=0)
+    teacher_compare: bool = opt(True, "also report the metrics of the teacher's own embeddings")
+
+
+PRESETS = {
+    "tiny": dict(batch_size=8, max_steps=12, warmup_steps=2, eval_every=6, eval_size=32, eval_batch_size=8,
+                 log_every=3, checkpoint="runs/tiny/kmer_vqvae_phase1b_lora.pt",
+                 output="runs/tiny/kmer_vqvae_phase2_aligned.pt"),
+    "demo": dict(batch_size=64, lr=1e-3, max_steps=300, warmup_steps=20, eval_every=100, eval_size=512,
+                 train_pairs=4000, checkpoint="runs/demo/kmer_vqvae_phase1b_lora.pt",
+                 output="runs/demo/kmer_vqvae_phase2_aligned.pt"),
+    "full": dict(batch_size=256, lr=3e-4, max_steps=5000, warmup_steps=200, eval_every=500, eval_size=4096,
+                 eval_batch_size=64, output="kmer_vqvae_phase2_aligned.pt"),
+}
+
+
+def inbatch_metrics(q: torch.Tensor, p: torch.Tensor, q_codes=None, p_codes=None) -> dict:
+    """q2p/p2q accuracy and positive similarity of matched rows (q[i] goes with p[i])."""
+    q, p = F.normalize(q.float(), dim=-1), F.normalize(p.float(), dim=-1)
+    sim = q @ p.T
+    target = torch.arange(len(q), device=q.device)
+    out = {"q2p_acc": float((sim.argmax(1) == target).float().mean()),
+           "p2q_acc": float((sim.argmax(0) == target).float().mean()),
+           "pos_similarity": float(sim.diagonal().mean())}
+    if q_codes is not None:
+        out["code_match_rate"] = float((q_codes == p_codes).float().mean())
+    return out
+
+
+def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = F.normalize(q, dim=-1) @ F.normalize(p, dim=-1).T / temperature
+    target = torch.arange(len(q), device=q.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+class FrozenEncoder:
+    """z_e of the frozen base model, cached by text: with the base frozen, each text is encoded once."""
+
+    def __init__(self, model, device, max_cache: int = 500_000):
+        self.model, self.device, self.tok = model.eval(), device, model.tokenizer()
+        self.cache: dict[str, torch.Tensor] = {}
+        self.max_cache = max_cache
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if missing:
+            b = self.tok(missing)
+            with tc.autocast(self.device):
+                z = self.model.encode_windows(b["input_ids"].to(self.device), b["attention_mask"].to(self.device),
+                                              b["text_index"].to(self.device), b["num_texts"]).float()
+            if len(self.cache) + len(missing) > self.max_cache:
+                self.cache.clear()
+            self.cache.update(zip(missing, z))
+        return torch.stack([self.cache[t] for t in texts])
+
+
+def evaluate_pairs(model, adapters, enc: FrozenEncoder, pairs, bs: int, teacher_emb=None) -> dict:
+    """Held-out metrics averaged over consecutive eval batches of `bs` pairs."""
+    was = adapters.training
+    adapters.eval()
+    rows, teacher_rows = [], []
+    with torch.no_grad():
+        for i in range(0, len(pairs) - bs + 1, bs):
+            chunk = pairs[i:i + bs]
+            zq = model.quantizer(adapters(enc([q for q, _ in chunk]), "query"))
+            zp = model.quantizer(adapters(enc([p for _, p in chunk]), "passage"))
+            rows.append(inbatch_metrics(zq["z_code"], zp["z_code"], zq["indices"], zp["indices"]))
+            if teacher_emb is not None:
+                teacher_rows.append(inbatch_metrics(teacher_emb[0][i:i + bs], teacher_emb[1][i:i + bs]))
+    adapters.train(was)
+    out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    if teacher_rows:
+        out.update({f"teacher_{k}": sum(r[k] for r in teacher_rows) / len(teacher_rows) for k in teacher_rows[0]})
+    out["eval_batch_size"], out["eval_pairs"] = bs, len(rows) * bs
+    return out
+
+
+def main(cfg: Phase2Config) -> dict:
+    # 1. parent checkpoint (1a or 1b), frozen base
+    rank, world = tc.setup_distributed()
+    device = tc.pick_device(cfg.device)
+    tc.seed_everything(cfg.seed + rank)
+    out_path, best_path, run_dir = tc.output_paths(cfg, "kmer_vqvae_phase2_aligned.pt")
+    parent = load_checkpoint(cfg.checkpoint, phases=("phase1a", "phase1b"))
+    model = model_from_checkpoint(parent).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.quantizer.set_mode("frozen")
+    enc = FrozenEncoder(model, device)
+
+    # 2. pairs
+    weights = parse_weights(cfg.sources or (HUB_DEFAULT if cfg.data == "hub" else SAMPLE_DEFAULT), PAIR_SOURCES)
+    files = parse_data_files(cfg.data_files)
+    pairs = lambda split, cycle: pair_stream(cfg.data, split, weights, files, seed=cfg.seed,
+                                             held_out_percent=cfg.held_out_percent, cycle=cycle,
+                                             rank=rank if split == "train" else 0,
+                                             world=world if split == "train" else 1,
+                                             skip_unavailable=cfg.skip_unavailable)
+    held = []
+    for b in PairBatcher(lambda: pairs("validation", False), cfg.eval_batch_size):
+        held.extend(b if len(b) == cfg.eval_batch_size else [])
+        if len(held) >= cfg.eval_size:
+            break
+    if len(held) < cfg.eval_batch_size:
+        raise UserError(f"only {len(held)} held-out pairs; need at least --eval_batch_size {cfg.eval_batch_size}")
+    batches = PairBatcher(lambda: pairs("train", cfg.train_pairs == 0), cfg.batch_size, seed=cfg.seed,
+                          pool_size=cfg.train_pairs)
+    teacher_emb = None
+    if cfg.teacher_compare and rank == 0:
+        try:
+            teacher = Teacher.load(cfg.teacher, str(device), cfg.teacher_cache or None, cfg.teacher_batch_size)
+        except TeacherError as e:
+            raise UserError(str(e)) from None
+        teacher_emb = (teacher.embed([q for q, _ in held]), teacher.embed([p for _, p in held]))
+        teacher.flush()
+
+    # 3. adapters, optimizer, resume
+    adapters = QueryPassageAdapters(d_model=model.config.d_model, adapter_type=cfg.adapter_type,
+                                    hidden_dim=cfg.adapter_hidden or None, dropout=cfg.adapter_dropout).to(device)
+    params = list(adapters.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = LoopState()
+    if cfg.resume and os.path.exists(out_path):
+        ckpt = load_checkpoint(out_path, phases=("phase2",))
+        adapters.load_state_dict(ckpt["adapter_state_dict"])
+        optimizer.load_state_dict(ckpt["resume"]["optimizer"])
+        torch.set_rng_state(ckpt["resume"]["torch_rng"])
+        state = LoopState.from_checkpoint(ckpt)
+        batches.skip(state.data_position)
+    train_adapters = torch.nn.parallel.DistributedDataParallel(adapters) if world > 1 else adapters
+    logger = tc.RunLogger(cfg, run_dir, "phase2", rank)
+    before = evaluate_pairs(model, adapters, enc, held, cfg.eval_batch_size, teacher_emb)
+    if rank == 0:
+        print(f"phase 2: {cfg.adapter_type} adapters, {sum(p.numel() for p in params):,} trainable parameters; "
+              f"base and codebook frozen ({parent['phase']} parent)")
+        print(tc.format_metrics("before training", before))
+
+    # 4. the step: symmetric InfoNCE in code space
+    def train_step(step):
+        batch = next(batches)
+        zq = model.quantizer.project(train_adapters(enc([q for q, _ in batch]), "query"))
+        zp = model.quantizer.project(train_adapters(enc([p for _, p in batch]), "passage"))
+        loss = info_nce(zq, zp, cfg.temperature)
+        with torch.no_grad():
+            acc = float(((zq @ zp.T).argmax(1) == torch.arange(len(batch), device=zq.device)).float().mean())
+        return loss, {"train_q2p_acc": acc}, len(batch) * world
+
+    def save(st, metrics, is_best):
+        st.data_position = batches.position
+        ckpt = tc.base_checkpoint("phase2", cfg, parent["base_config"], parent["base_model_state_dict"], st,
+                                  {**metrics, "before": before}, tc.parent_record(cfg.checkpoint), optimizer)
+        ckpt["adapter_config"] = dict(adapters.config)
+        ckpt["adapter_state_dict"] = {k: v.detach().clone() for k, v in adapters.state_dict().items()}
+        for key in ("lora_config", "lora_state_dict"):
+            if key in parent:
+                ckpt[key] = parent[key]
+        save_checkpoint(ckpt, out_path)
+        if is_best:
+            save_checkpoint(ckpt, best_path)
+
+    # 5. train, eval, checkpoint
+    metrics = tc.run_training(cfg, optimizer=optimizer, params=params, train_step=train_step,
+                              evaluate=lambda: evaluate_pairs(model, adapters, enc, held, cfg.eval_batch_size,
+                                                              teacher_emb),
+                              save=save, state=state, logger=logger, total_steps=cfg.max_steps, device=device,
+                              best_key="code_match_rate", rank=rank, bar_keys=("train_q2p_acc",))
+    logger.finish()
+    if rank == 0:
+        print(f"wrote {out_path}")
+    return {"metrics": metrics, "before": before, "output": out_path}
+
+
+if __name__ == "__main__":
+    tc.run_main(main, Phase2Config, PRESETS, __doc__)
