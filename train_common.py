@@ -304,28 +304,18 @@ def run_training(cfg, *, optimizer, params, train_step, evaluate, save, state: L
         set_lr(optimizer, lr_at(state.step, cfg.warmup_steps, total_steps, cfg.lr))
         with autocast(device):
             loss, logs, tokens = train_step(state.step)
-        if not torch.isfinite(loss):
-            _skip_nonfinite("loss", loss, state, cfg, optimizer)
-            continue
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if not torch.isfinite(grad_norm):  # a finite loss can still give inf/NaN gradients
-            _skip_nonfinite("gradient norm", grad_norm, state, cfg, optimizer)
-            continue
-        logs["grad_norm"] = float(grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.tokens_seen += tokens
-        if after_step is not None:
-            logs.update(after_step(state.step, logs) or {})
-        rate = (state.tokens_seen - tok0) / max(1e-9, time.time() - t0)
-        logs.update(loss=float(loss.detach()), lr=optimizer.param_groups[0]["lr"], kmers_per_s=rate,
-                    tokens_seen=state.tokens_seen)
+        if _apply_step(cfg, loss, params, optimizer, state):
+            state.tokens_seen += tokens
+            if after_step is not None:
+                logs.update(after_step(state.step, logs) or {})
+            rate = (state.tokens_seen - tok0) / max(1e-9, time.time() - t0)
+            logs.update(loss=float(loss.detach()), lr=optimizer.param_groups[0]["lr"], kmers_per_s=rate,
+                        tokens_seen=state.tokens_seen)
+            bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("loss", *bar_keys, "kmers_per_s") if k in logs},
+                            refresh=False)
+            if state.step % cfg.log_every == 0:
+                logger.log("train", state.step, logs)
         bar.update(1)
-        bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("loss", *bar_keys, "kmers_per_s") if k in logs}, refresh=False)
-        if state.step % cfg.log_every == 0:
-            logger.log("train", state.step, logs)
         done = state.step >= total_steps or (max_tokens and state.tokens_seen >= max_tokens)
         if state.step % cfg.eval_every == 0 or done:
             metrics = evaluate()
@@ -340,6 +330,22 @@ def run_training(cfg, *, optimizer, params, train_step, evaluate, save, state: L
             bar.write(format_metrics(f"eval @ step {state.step}", metrics))
     bar.close()
     return metrics
+
+
+def _apply_step(cfg, loss, params, optimizer, state) -> bool:
+    """Backward, clip, optimizer step; a NaN/inf loss or gradient is skipped (or stops the run)."""
+    if not torch.isfinite(loss):
+        _skip_nonfinite("loss", loss, state, cfg, optimizer)
+        return False
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if not torch.isfinite(grad_norm):  # a finite loss can still give inf/NaN gradients
+        _skip_nonfinite("gradient norm", grad_norm, state, cfg, optimizer)
+        return False
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return True
 
 
 def _skip_nonfinite(what, value, state, cfg, optimizer):

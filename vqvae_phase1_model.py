@@ -21,7 +21,6 @@ import os
 import pickle
 import tempfile
 import unicodedata
-import zipfile
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -627,7 +626,7 @@ def load_checkpoint(path: str, phases: tuple[str, ...] | None = None, map_locati
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} was refused: it holds objects that would run code when loaded "
                               f"({first[:120]}); only load checkpoints written by these scripts") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # truncated zip, bad magic, a corrupt pickle stream: all the same to the user
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file: "
                               f"{type(e).__name__}); re-run the phase or use its previous checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -644,11 +643,16 @@ def model_from_checkpoint(ckpt: dict) -> KmerVQVAE:
         model = KmerVQVAE(**ckpt["base_config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint config is not valid for this code: {e}") from None
-    result = model.load_state_dict(ckpt["base_model_state_dict"], strict=False)
+    mismatch = "checkpoint weights do not match its config ({}); it was written by another version " \
+               "or edited: retrain, or load it with the version that wrote it"
+    try:
+        result = model.load_state_dict(ckpt["base_model_state_dict"], strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l), "shapes differ")
+        raise CheckpointError(mismatch.format(first[:160])) from None
     bad = list(result.missing_keys) + list(result.unexpected_keys)
     if bad:
-        raise CheckpointError(f"checkpoint weights do not match its config ({len(bad)} keys differ, e.g. {bad[0]}); "
-                              f"it was written by another version: retrain, or load it with that version")
+        raise CheckpointError(mismatch.format(f"{len(bad)} keys differ, e.g. {bad[0]}"))
     return model
 
 

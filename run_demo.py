@@ -1,0 +1,87 @@
+"""The whole pipeline on the bundled samples, on CPU, offline: Phase 1a -> 1b -> 2 -> filter eval.
+
+    python run_demo.py                      # writes runs/demo/, ~15 minutes on a 2-core CPU
+    python run_demo.py --run_dir runs/x --quick     # a shortened chain (what the tests run)
+
+Ends with a summary table of each phase's key metrics and the path of the recall plot.
+A second run reuses the teacher-embedding cache and is much faster.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never touches the Hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import eval_filter  # noqa: E402
+import vqvae_phase1_train as p1  # noqa: E402
+import vqvae_phase1b_train_lora as p1b  # noqa: E402
+import vqvae_phase2_train_adapters as p2  # noqa: E402
+from train_common import parse_config  # noqa: E402
+
+QUICK = {"p1": ["--max_steps", "40", "--vq_warmup_steps", "15", "--eval_every", "20", "--train_windows", "400",
+                "--kmeans_samples", "600", "--eval_size", "100", "--health_size", "400"],
+         "p1b": ["--max_steps", "10", "--eval_every", "10", "--train_windows", "160", "--eval_size", "64"],
+         "p2": ["--max_steps", "20", "--eval_every", "10", "--train_pairs", "400", "--eval_size", "128"]}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run_dir", default="runs/demo")
+    ap.add_argument("--quick", action="store_true", help="shortened chain, for tests")
+    ap.add_argument("--teacher_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher"))
+    args = ap.parse_args(argv)
+    d, t0 = args.run_dir, time.time()
+    common = ["--teacher_cache", args.teacher_cache, "--wandb_mode", "disabled"]
+    ck1, ck1b, ck2 = (os.path.join(d, n) for n in ("kmer_vqvae_phase1.pt", "kmer_vqvae_phase1b_lora.pt",
+                                                   "kmer_vqvae_phase2_aligned.pt"))
+    extra = QUICK if args.quick else {"p1": [], "p1b": [], "p2": []}
+
+    print("== Phase 1a: distil the teacher through the 1024-code bottleneck (web text)", flush=True)
+    r1 = p1.main(parse_config(p1.Phase1Config, p1.PRESETS,
+                              ["--preset", "demo", "--output", ck1, *common, *extra["p1"]]))
+    print("== Phase 1b: LoRA on Q,V for academic + conversational text", flush=True)
+    r1b = p1b.main(parse_config(p1b.Phase1bConfig, p1b.PRESETS, ["--preset", "demo", "--phase1a_checkpoint", ck1,
+                                                                  "--output", ck1b, *common, *extra["p1b"]]))
+    print("== Phase 2: query/passage adapters (InfoNCE)", flush=True)
+    r2 = p2.main(parse_config(p2.Phase2Config, p2.PRESETS, ["--preset", "demo", "--checkpoint", ck1b,
+                                                             "--output", ck2, *common, *extra["p2"]]))
+    print("== Filter evaluation on CISI (BEIR format)", flush=True)
+    ev = eval_filter.main(["--checkpoint", ck2, "--dataset", "cisi", "--teacher_cache", args.teacher_cache])
+    minutes = (time.time() - t0) / 60
+    print(summary(r1, r1b, r2, ev, minutes))
+    return {"p1": r1, "p1b": r1b, "p2": r2, "eval": ev, "minutes": minutes}
+
+
+def summary(r1, r1b, r2, ev, minutes) -> str:
+    m1, m1b, m2 = r1["metrics"], r1b["metrics"], r2["metrics"]
+    b1b = r1b["before"]
+    rk, ri = ev["methods"]["kmer_vqvae"]["recall_at_fraction"], ev["methods"]["ivf_teacher"]["recall_at_fraction"]
+    lines = [
+        "", "=" * 78, f"demo finished in {minutes:.1f} min", "",
+        "| phase | metric | value |", "|---|---|---|",
+        f"| 1a | held-out teacher cosine, quantised / continuous | {m1['cos_q']:.3f} / {m1['cos_e']:.3f} |",
+        f"| 1a | mean-embedding baseline cosine | {m1['cos_mean_baseline']:.3f} |",
+        f"| 1a | code perplexity / utilisation / dead ({m1['n']} held-out windows) | "
+        f"{m1['perplexity']:.0f} / {m1['utilisation']:.1%} / {m1['dead_codes']} |",
+        f"| 1b | domain cosine (q) before -> after | {b1b['domain_cos_q']:.3f} -> {m1b['domain_cos_q']:.3f} |",
+        f"| 1b | web cosine (q) before -> after | {b1b['web_cos_q']:.3f} -> {m1b['web_cos_q']:.3f} |",
+        f"| 1b | LoRA parameters / share of total | {r1b['trainable_params']:,} / "
+        f"{r1b['trainable_params'] / r1b['total_params']:.2%} |",
+        f"| 2 | q2p / p2q accuracy (eval batch {m2['eval_batch_size']}) | {m2['q2p_acc']:.3f} / {m2['p2q_acc']:.3f} |",
+        f"| 2 | teacher q2p / p2q on the same batches | {m2['teacher_q2p_acc']:.3f} / {m2['teacher_p2q_acc']:.3f} |",
+        f"| 2 | code match rate / positive similarity | {m2['code_match_rate']:.3f} / {m2['pos_similarity']:.3f} |",
+        f"| eval | CISI recall @1% / @5% / @20% of corpus (k-mer) | {rk['0.01']:.3f} / {rk['0.05']:.3f} / {rk['0.2']:.3f} |",
+        f"| eval | same for IVF-{ev['methods']['ivf_teacher']['codes']} on teacher | "
+        f"{ri['0.01']:.3f} / {ri['0.05']:.3f} / {ri['0.2']:.3f} |",
+        "", f"checkpoints: {r1['output']}, {r1b['output']}, {r2['output']}",
+        f"recall plot: {ev['png']}", "=" * 78]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

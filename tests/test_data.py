@@ -1,0 +1,146 @@
+import gzip
+import itertools
+import json
+
+import pytest
+import torch
+
+from data_common import parse_data_files, parse_weights
+from train_common import UserError
+from vqvae_phase1a_data_webtext import webtext_documents, wikitext_articles
+from vqvae_phase1b_data_domains import (DOMAIN_SOURCES, domain_documents, fmt_alpaca, fmt_arxiv, fmt_hh_rlhf,
+                                        fmt_lmsys, fmt_oasst, fmt_pubmed, fmt_sharegpt, fmt_ultrachat)
+from vqvae_phase2_data import PAIR_SOURCES, PairBatcher, pair_stream, squad_eval_article
+from vqvae_phase2_train_adapters import inbatch_metrics, info_nce
+
+
+def test_wikitext_lines_become_articles():
+    rows = [{"text": t} for t in ["", " = Alpha = \n", "", " Alpha is a letter . \n", " = = History = = \n",
+                                  " It is old . \n", " = Beta = \n", " Beta follows . \n"]]
+    assert list(wikitext_articles(rows)) == ["Alpha\nAlpha is a letter .\nHistory\nIt is old .",
+                                             "Beta\nBeta follows ."]
+
+
+FORMATTERS = [
+    (fmt_arxiv, {"title": "A  Title", "abstract": " Some\nabstract. "}, "A Title. Some abstract."),
+    (fmt_pubmed, {"article": "long", "abstract": "Background: x.  Results: y."}, "Background: x. Results: y."),
+    (fmt_oasst, {"text": "Hi there", "role": "prompter", "lang": "en"}, "User: Hi there"),
+    (fmt_oasst, {"text": "Hallo", "role": "assistant", "lang": "de"}, ""),
+    (fmt_ultrachat, {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]},
+     "User: Q?\nAssistant: A."),
+    (fmt_alpaca, {"instruction": "Add.", "input": "2 and 3", "output": "5"}, "User: Add.\n2 and 3\nAssistant: 5"),
+    (fmt_alpaca, {"instruction": "Say hi.", "input": "", "output": "Hi"}, "User: Say hi.\nAssistant: Hi"),
+    (fmt_hh_rlhf, {"chosen": "\n\nHuman: How are you?\n\nAssistant: Fine.\n\nHuman: Good.\n\nAssistant: Yes."},
+     "User: How are you?\nAssistant: Fine.\nUser: Good.\nAssistant: Yes."),
+    (fmt_sharegpt, {"conversations": [{"from": "human", "value": "Hey"}, {"from": "gpt", "value": "Hello!"}]},
+     "User: Hey\nAssistant: Hello!"),
+    (fmt_lmsys, {"conversation": [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because."}]},
+     "User: Why?\nAssistant: Because."),
+]
+
+
+@pytest.mark.parametrize("fmt,record,expected", FORMATTERS)
+def test_domain_formatters(fmt, record, expected):
+    assert fmt(record) == expected
+
+
+def _jsonl(path, rows):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def test_every_domain_source_loads_local_hub_schema(tmp_path):
+    records = {"arxiv": {"title": "T", "abstract": "An abstract about physics."},
+               "pubmed": {"article": "", "abstract": "A clinical abstract."},
+               "oasst": {"text": "Hello", "role": "prompter", "lang": "en"},
+               "ultrachat": {"messages": [{"role": "user", "content": "Hi"}]},
+               "alpaca": {"instruction": "Do it", "input": "", "output": "Done"},
+               "hh_rlhf": {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": ""},
+               "sharegpt": {"conversations": [{"from": "human", "value": "Yo"}]},
+               "lmsys": {"conversation": [{"role": "user", "content": "Hey"}]}}
+    assert set(records) == set(DOMAIN_SOURCES)
+    for name, rec in records.items():
+        path = _jsonl(tmp_path / f"{name}.jsonl.gz", [rec] * 3)
+        docs = list(domain_documents("files", "train", {name: 1.0}, files={name: [path]}, cycle=False))
+        assert docs == [DOMAIN_SOURCES[name][2](rec)] * 3
+
+
+def test_raw_release_formats_convert(tmp_path):
+    pq = tmp_path / "ori_pqal.json"
+    pq.write_text(json.dumps({"1": {"QUESTION": "q?", "CONTEXTS": ["Part one.", "Part two."]}}))
+    tc = tmp_path / "valid_freq.json"
+    tc.write_text(json.dumps({"c1": {"content": [{"message": "hi", "agent": "agent_1"},
+                                                 {"message": "hello", "agent": "agent_2"}]}}))
+    dd = tmp_path / "dialogues.txt"
+    dd.write_text("Hi there . __eou__ Hello . __eou__\n")
+    assert list(domain_documents("files", "train", {"pubmed": 1}, files={"pubmed": [str(pq)]},
+                                 cycle=False)) == ["Part one. Part two."]
+    for path in (tc, dd):
+        docs = list(domain_documents("files", "train", {"ultrachat": 1}, files={"ultrachat": [str(path)]}, cycle=False))
+        assert len(docs) == 1 and docs[0].startswith("User: ") and "\nAssistant: " in docs[0]
+
+
+def test_bundled_samples_load_for_every_phase():
+    assert len(list(itertools.islice(webtext_documents("sample", "train", {"wikitext": 1, "c4": 1, "wikipedia": 1}), 20))) == 20
+    assert len(list(itertools.islice(domain_documents("sample", "validation", {"arxiv": 1, "hh_rlhf": 1}, cycle=False), 20))) == 20
+    pairs = list(itertools.islice(pair_stream("sample", "train", {"squad": 1, "medquad": 1, "pubmedqa": 1}), 50))
+    assert len(pairs) == 50 and all(q and p for q, p in pairs)
+
+
+def test_pair_sources_local_hub_schema(tmp_path):
+    cols = {"msmarco": ("query", "positive"), "nq": ("query", "answer"), "squad": ("question", "answer"),
+            "hotpotqa": ("anchor", "positive"), "triviaqa": ("query", "answer"), "eli5": ("question", "answer"),
+            "medquad": ("question", "answer"), "pubmedqa": ("question", "abstract")}
+    assert set(cols) == set(PAIR_SOURCES)
+    for name, (qc, pc) in cols.items():
+        rows = [{qc: f"question {i}?", pc: f"passage number {i}."} for i in range(40)]
+        path = _jsonl(tmp_path / f"{name}.jsonl.gz", rows)
+        train = list(pair_stream("files", "train", {name: 1}, files={name: [path]}, cycle=False, held_out_percent=20))
+        held = list(pair_stream("files", "validation", {name: 1}, files={name: [path]}, cycle=False, held_out_percent=20))
+        assert len(train) + len(held) == 40 and held and train
+        assert not {p for _, p in train} & {p for _, p in held}
+        assert train[0] in [(r[qc], r[pc]) for r in rows]
+
+
+def test_squad_eval_articles_never_reach_phase2():
+    pairs = list(pair_stream("sample", "train", {"squad": 1}, cycle=False)) + \
+        list(pair_stream("sample", "validation", {"squad": 1}, cycle=False))
+    rows = [json.loads(l) for l in gzip.open("data/pairs/squad_dev.jsonl.gz", "rt")]
+    eval_contexts = {r["context"] for r in rows if squad_eval_article(r["title"])}
+    assert eval_contexts and pairs
+    assert not {p for _, p in pairs} & eval_contexts
+
+
+def test_batches_have_no_duplicate_passages_or_queries():
+    pairs = [(f"q{i % 7}", f"p{i % 5}") for i in range(200)]
+    for batch in itertools.islice(PairBatcher(lambda: iter(pairs), batch_size=4), 20):
+        assert len({q for q, _ in batch}) == len(batch) and len({p for _, p in batch}) == len(batch)
+
+
+def test_inbatch_metrics_on_hand_made_vectors():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    m = inbatch_metrics(q, p, torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4]))
+    # row 2 (q=[1,.1]) is nearest to p0, not p2; column 2 (p=[0,1]) ties p1 -> argmax picks q1
+    assert m["q2p_acc"] == pytest.approx(2 / 3) and m["p2q_acc"] == pytest.approx(2 / 3)
+    assert m["code_match_rate"] == pytest.approx(2 / 3)
+    assert m["pos_similarity"] == pytest.approx((1 + 1 + 0.1 / (1.01 ** 0.5)) / 3, abs=1e-5)
+    perfect = info_nce(torch.eye(4) * 5, torch.eye(4) * 5, 0.07)
+    shuffled = info_nce(torch.eye(4), torch.eye(4)[[1, 0, 3, 2]], 0.07)
+    assert perfect < 0.01 < shuffled
+
+
+def test_user_mistakes_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="unknown source 'c5'"):
+        parse_weights("c4,c5", ["c4", "wikitext"])
+    with pytest.raises(UserError, match="NAME=PATH"):
+        parse_data_files("just_a_path.json")
+    with pytest.raises(UserError, match=r"source 'c4' \(allenai/c4 \(en\)\) could not be loaded from the Hub.*--data sample"):
+        list(itertools.islice(webtext_documents("hub", "train", {"c4": 1}), 1))
+    with pytest.raises(UserError, match="gated.*HF_TOKEN.*WildChat"):
+        list(domain_documents("hub", "train", {"lmsys": 1}, cycle=False))
+    bad = _jsonl(tmp_path / "bad.jsonl.gz", [{"body": "no text column"}])
+    with pytest.raises(UserError, match=r"lacks column\(s\) \['text'\].*Hub schema"):
+        list(itertools.islice(webtext_documents("files", "train", {"c4": 1}, files={"c4": [bad]}), 1))

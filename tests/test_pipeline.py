@@ -1,0 +1,109 @@
+"""The three phases chained on the bundled samples with tiny configs, the real teacher and real
+`datasets` loaders (offline), wandb disabled."""
+import json
+import os
+
+import pytest
+import torch
+
+import vqvae_phase1_train as p1
+import vqvae_phase1b_train_lora as p1b
+import vqvae_phase2_train_adapters as p2
+from lora_adapters import inject_lora
+from train_common import parse_config
+from vqvae_phase1_model import KmerVQVAE, load_checkpoint, load_pretrained, model_from_checkpoint
+
+
+def _cfg(module, cls, **over):
+    args = ["--preset", "tiny"]
+    for k, v in over.items():
+        args += [f"--{k}", str(v)]
+    return parse_config(cls, module.PRESETS, args)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, teacher_cache_dir):
+    d = tmp_path_factory.mktemp("chain")
+    r1 = p1.main(_cfg(p1, p1.Phase1Config, output=d / "p1.pt", teacher_cache=teacher_cache_dir))
+    r1b = p1b.main(_cfg(p1b, p1b.Phase1bConfig, phase1a_checkpoint=d / "p1.pt", output=d / "p1b.pt",
+                        teacher_cache=teacher_cache_dir))
+    r2 = p2.main(_cfg(p2, p2.Phase2Config, checkpoint=d / "p1b.pt", output=d / "p2.pt",
+                      teacher_cache=teacher_cache_dir))
+    r2a = p2.main(_cfg(p2, p2.Phase2Config, checkpoint=d / "p1.pt", output=d / "p2_from_1a.pt",
+                       teacher_cache=teacher_cache_dir, adapter_type="shared"))
+    return {"dir": d, "p1": r1, "p1b": r1b, "p2": r2, "p2a": r2a}
+
+
+def test_phase1a_writes_loadable_checkpoint_and_learns(chain):
+    d = chain["dir"]
+    f = load_pretrained(str(d / "p1.pt"))
+    assert f.checkpoint["phase"] == "phase1a" and f.checkpoint["step"] == 30
+    assert f.encode(["hello there"])["indices"].shape == (1,)
+    rows = [json.loads(l) for l in open(d / "p1_run" / "metrics.jsonl")]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert train[-1]["cos_e"] > train[0]["cos_e"] + 0.05  # the continuous path learns the teacher
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert {"perplexity", "utilisation", "dead_codes", "max_code_share", "cos_q", "cos_e"} <= set(evals[-1])
+
+
+def test_warm_cache_makes_no_teacher_calls(chain, tmp_path, teacher_cache_dir):
+    r = p1.main(_cfg(p1, p1.Phase1Config, output=tmp_path / "again.pt", teacher_cache=teacher_cache_dir))
+    assert chain["p1"]["teacher_calls"] > 0
+    assert r["teacher_calls"] == 0
+
+
+def test_resume_continues_to_the_same_budget(chain, tmp_path, teacher_cache_dir):
+    out = tmp_path / "r.pt"
+    p1.main(_cfg(p1, p1.Phase1Config, output=out, teacher_cache=teacher_cache_dir, max_steps=20))
+    assert load_checkpoint(str(out))["step"] == 20
+    r = p1.main(_cfg(p1, p1.Phase1Config, output=out, teacher_cache=teacher_cache_dir, resume=True))
+    assert r["step"] == 30 and r["tokens_seen"] == chain["p1"]["tokens_seen"]
+    # the stream continued where the checkpoint left it: same windows consumed as one straight run
+    a, b = load_checkpoint(str(out)), load_checkpoint(str(chain["dir"] / "p1.pt"))
+    assert a["resume"]["data_position"] == b["resume"]["data_position"]
+
+
+def test_phase1b_merged_equals_unmerged_and_base_untouched(chain):
+    d = chain["dir"]
+    c1, c1b = load_checkpoint(str(d / "p1.pt")), load_checkpoint(str(d / "p1b.pt"), phases=("phase1b",))
+    assert c1b["parent_checkpoint"]["sha256"] and c1b["lora_config"]["rank"] == 8
+    merged = model_from_checkpoint(c1b).eval()
+    unmerged = model_from_checkpoint(c1)
+    inject_lora(unmerged, rank=8, alpha=16, dropout=0.05)
+    unmerged.load_state_dict({**unmerged.state_dict(), **c1b["lora_state_dict"]})
+    unmerged.eval()
+    b = merged.tokenizer()(["merged and unmerged agree", "on every text " * 9])
+    za = merged.encode(b["input_ids"], b["attention_mask"], b["text_index"], b["num_texts"])["z_e"]
+    zb = unmerged.encode(b["input_ids"], b["attention_mask"], b["text_index"], b["num_texts"])["z_e"]
+    assert torch.allclose(za, zb, atol=1e-5)
+    lora_touched = [k for k in c1b["base_model_state_dict"] if ".q_proj.weight" in k or ".v_proj.weight" in k]
+    assert any(not torch.equal(c1b["base_model_state_dict"][k], c1["base_model_state_dict"][k]) for k in lora_touched)
+    for k, v in c1["base_model_state_dict"].items():
+        if k not in lora_touched:
+            assert torch.equal(v, c1b["base_model_state_dict"][k]), k  # frozen base and codebook
+    assert c1b["metrics"]["trainable_params"] == chain["p1b"]["lora_params"]
+
+
+def test_phase2_keeps_base_and_codebook_and_runs_seed_snippet(chain):
+    d = chain["dir"]
+    for name, parent in (("p2.pt", "p1b.pt"), ("p2_from_1a.pt", "p1.pt")):
+        c2, cp = load_checkpoint(str(d / name), phases=("phase2",)), load_checkpoint(str(d / parent))
+        for k, v in cp["base_model_state_dict"].items():
+            assert torch.equal(v, c2["base_model_state_dict"][k]), k
+        assert ("lora_state_dict" in c2) == (parent == "p1b.pt")
+        ckpt = torch.load(str(d / name), weights_only=True)
+        b = KmerVQVAE(**ckpt["base_config"]).tokenizer()(["where do codes go?"])
+        input_ids, attention_mask = b["input_ids"], b["attention_mask"]
+        model = KmerVQVAE(**ckpt["base_config"]); model.load_state_dict(ckpt["base_model_state_dict"])  # noqa: E702
+        out = model.encode(input_ids, attention_mask)   # dict: z_e, z_q, indices, ...
+        assert out["indices"].shape == (1,)
+        f = load_pretrained(str(d / name))
+        q = f.encode(["where do codes go?"], role="query", top_n=4)
+        assert q["top_indices"].shape == (1, 4)
+    m = chain["p2"]["metrics"]
+    assert {"q2p_acc", "p2q_acc", "code_match_rate", "pos_similarity", "teacher_q2p_acc"} <= set(m)
+
+
+def test_phase2_adapters_learn(chain):
+    before, after = chain["p2"]["before"], chain["p2"]["metrics"]
+    assert after["pos_similarity"] > before["pos_similarity"] or after["q2p_acc"] > before["q2p_acc"]

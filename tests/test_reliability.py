@@ -1,0 +1,106 @@
+"""Faults and bad input: kill -9 + resume, NaN losses, CLI validation."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import make_dataclass
+
+import pytest
+import torch
+
+import train_common as tc
+import vqvae_phase1_train as p1
+import vqvae_phase1b_train_lora as p1b
+import vqvae_phase2_train_adapters as p2
+from vqvae_phase1_model import load_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_phase1(args, env):
+    return subprocess.Popen([sys.executable, "vqvae_phase1_train.py", "--preset", "tiny", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_9_then_resume_reaches_the_same_budget(tmp_path, teacher_cache_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    base = ["--teacher_cache", teacher_cache_dir, "--max_steps", "60", "--eval_every", "5"]
+    straight = tmp_path / "straight.pt"
+    assert _run_phase1([*base, "--output", str(straight)], env).wait(timeout=300) == 0
+    killed = tmp_path / "killed.pt"
+    proc = _run_phase1([*base, "--output", str(killed)], env)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait for a checkpoint in the middle of the run, then kill -9
+        if killed.exists() and 10 <= load_checkpoint(str(killed))["step"] < 50:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = load_checkpoint(str(killed))["step"]
+    assert step_at_kill < 60
+    assert _run_phase1([*base, "--output", str(killed), "--resume"], env).wait(timeout=300) == 0
+    a, b = load_checkpoint(str(killed)), load_checkpoint(str(straight))
+    assert a["step"] == b["step"] == 60
+    assert a["tokens_seen"] == b["tokens_seen"]
+    assert a["resume"]["data_position"] == b["resume"]["data_position"]  # nothing repeated or skipped
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")]
+
+
+def _toy_loop(tmp_path, losses, skip=0):
+    cfg = make_dataclass("C", [("warmup_steps", int, 1), ("lr", float, 0.1), ("grad_clip", float, 1.0),
+                               ("skip_nonfinite", int, skip), ("log_every", int, 1), ("eval_every", int, 2),
+                               ("seed", int, 0), ("wandb_mode", str, "disabled")])()
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([w], lr=0.1)
+    saved = []
+    logger = tc.RunLogger(cfg, str(tmp_path / "run"), "toy")
+    state = tc.LoopState()
+
+    def step(i):
+        return (w * losses[i]).sum(), {}, 1
+    tc.run_training(cfg, optimizer=opt, params=[w], train_step=step, evaluate=lambda: {"m": 1.0},
+                    save=lambda st, m, b: saved.append(st.step), state=state, logger=logger,
+                    total_steps=len(losses))
+    return state, saved
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    with pytest.raises(tc.NonFiniteLoss, match="last good checkpoint is kept"):
+        _toy_loop(tmp_path, [1.0, 1.0, 1.0, float("nan"), 1.0, 1.0])
+    state, saved = _toy_loop(tmp_path, [1.0, 1.0, 1.0, float("inf"), 1.0, 1.0], skip=2)
+    assert state.skipped_nonfinite == 1 and state.step == 6 and saved == [2, 4, 6]
+
+
+@pytest.mark.parametrize("module,cls,flag,value,expect", [
+    (p1, p1.Phase1Config, "lr", "0", "must be > 0"),
+    (p1, p1.Phase1Config, "num_codes", "1", "must be >= 2"),
+    (p1, p1.Phase1Config, "window_size", "0", "must be >= 1"),
+    (p1b, p1b.Phase1bConfig, "lora_rank", "0", "must be >= 1"),
+    (p2, p2.Phase2Config, "temperature", "-0.1", "must be > 0"),
+    (p2, p2.Phase2Config, "adapter_type", "triple", "invalid choice"),
+    (p1, p1.Phase1Config, "preset", "huge", "unknown preset"),
+])
+def test_cli_rejects_impossible_values(module, cls, flag, value, expect, capsys):
+    with pytest.raises(SystemExit) as e:
+        tc.parse_config(cls, module.PRESETS, [f"--{flag}", value])
+    assert e.value.code == 2
+    assert expect in capsys.readouterr().err
+
+
+def test_script_prints_one_line_for_wrong_checkpoint(tmp_path):
+    bogus = tmp_path / "not_a_checkpoint.pt"
+    bogus.write_bytes(b"hello")
+    r = subprocess.run([sys.executable, "vqvae_phase2_train_adapters.py", "--checkpoint", str(bogus)], cwd=REPO,
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2
+    err = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_hub_unreachable_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "vqvae_phase1_train.py", "--preset", "tiny", "--data", "hub",
+                        "--output", str(tmp_path / "x.pt")], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "could not be loaded from the Hub" in r.stderr and "--data sample" in r.stderr
