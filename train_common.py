@@ -143,6 +143,18 @@ def setup_distributed() -> tuple[int, int]:
     return rank, world
 
 
+def finish_distributed(model: torch.nn.Module | None = None, rank: int = 0):
+    """End of a run: optionally dump this rank's state (KMER_DUMP_RANK_STATE=DIR, used by the
+    DDP test to check that every rank holds identical tensors), then leave the process group."""
+    folder = os.environ.get("KMER_DUMP_RANK_STATE")
+    if folder and model is not None:
+        os.makedirs(folder, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(folder, f"rank{rank}.pt"))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -293,8 +305,9 @@ def set_lr(optimizer, lr: float):
 
 def run_training(cfg, *, optimizer, params, train_step, evaluate, save, state: LoopState, logger: RunLogger,
                  total_steps: int, max_tokens: int = 0, device=torch.device("cpu"), after_step=None,
-                 best_key: str = "", rank: int = 0, bar_keys=()):
+                 best_key: str = "", rank: int = 0, bar_keys=(), rate_name: str = "kmers_per_s"):
     """The one loop. train_step(step) -> (loss, logs, tokens); evaluate() -> metrics dict;
+    tokens are k-mers (Phases 1a/1b) or pairs (Phase 2: rate_name="pairs_per_s");
     save(state, metrics, is_best) writes checkpoints; after_step(step, logs) for codebook upkeep."""
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=state.step, disable=rank != 0, dynamic_ncols=True,
@@ -309,9 +322,9 @@ def run_training(cfg, *, optimizer, params, train_step, evaluate, save, state: L
             if after_step is not None:
                 logs.update(after_step(state.step, logs) or {})
             rate = (state.tokens_seen - tok0) / max(1e-9, time.time() - t0)
-            logs.update(loss=float(loss.detach()), lr=optimizer.param_groups[0]["lr"], kmers_per_s=rate,
-                        tokens_seen=state.tokens_seen)
-            bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("loss", *bar_keys, "kmers_per_s") if k in logs},
+            logs.update({"loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"], rate_name: rate,
+                         "tokens_seen": state.tokens_seen})
+            bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("loss", *bar_keys, rate_name) if k in logs},
                             refresh=False)
             if state.step % cfg.log_every == 0:
                 logger.log("train", state.step, logs)

@@ -246,6 +246,7 @@ def main(cfg: Phase1Config) -> dict:
         after_step=upkeep, best_key="cos_q", rank=rank, bar_keys=("cos_q", "cos_e", "run_ppl", "active_pct"))
     teacher.flush()
     logger.finish()
+    tc.finish_distributed(model, rank)
     if rank == 0:
         print(f"wrote {out_path} (teacher texts encoded this run: {teacher.calls:,})")
     return {"metrics": metrics, "output": out_path, "teacher_calls": teacher.calls, "step": state.step,

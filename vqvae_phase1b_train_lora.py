@@ -170,6 +170,7 @@ def main(cfg: Phase1bConfig) -> dict:
                               best_key="domain_cos_q", rank=rank, bar_keys=("cos_q", "cos_e"))
     teacher.flush()
     logger.finish()
+    tc.finish_distributed(model, rank)
     summary = {"domain_cos_q": (before["domain_cos_q"], metrics.get("domain_cos_q")),
                "web_cos_q": (before["web_cos_q"], metrics.get("web_cos_q"))}
     if rank == 0:

@@ -203,8 +203,10 @@ def main(cfg: Phase2Config) -> dict:
                               evaluate=lambda: evaluate_pairs(model, adapters, enc, held, cfg.eval_batch_size,
                                                               teacher_emb),
                               save=save, state=state, logger=logger, total_steps=cfg.max_steps, device=device,
-                              best_key="code_match_rate", rank=rank, bar_keys=("train_q2p_acc",))
+                              best_key="code_match_rate", rank=rank, bar_keys=("train_q2p_acc",),
+                              rate_name="pairs_per_s")
     logger.finish()
+    tc.finish_distributed(adapters, rank)
     if rank == 0:
         print(f"wrote {out_path}")
     return {"metrics": metrics, "before": before, "output": out_path}

@@ -1,0 +1,155 @@
+"""Speed against the teacher, measured in one run on the same texts and threads. Not a test.
+
+    python benchmark.py                                   # CPU, default config (untrained weights)
+    python benchmark.py --checkpoint runs/demo/kmer_vqvae_phase2_aligned.pt
+    python benchmark.py --device cuda --compile           # bf16 autocast on CUDA, optionally compiled
+
+Prints a markdown table: tokenizer (k-mer vs the teacher's WordPiece), encoding of ~40-character
+queries and ~400-character passages (vs SentenceTransformer.encode), and training k-mers/s and
+peak memory for one step shape of each phase. Speed does not depend on trained weights, so an
+untrained default-config model measures the same as a trained one.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+
+import train_common as tc
+from lora_adapters import QueryPassageAdapters, inject_lora
+from teacher import Teacher
+from vqvae_phase1_model import KmerFilter, KmerVQVAE, load_pretrained
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def texts(n: int):
+    rows = [json.loads(l) for l in gzip.open(os.path.join(tc.REPO, "data", "pairs", "squad_dev.jsonl.gz"), "rt")]
+    queries = [r["question"] for r in rows][:n]
+    passages = []
+    for c in dict.fromkeys(r["context"] for r in rows):
+        if len(c) >= 400:
+            passages.append(c[:c.rfind(" ", 0, 400)])
+        if len(passages) == n:
+            break
+    return queries, passages
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def train_step_rate(model, params, step, batch, device, repeats) -> tuple[float, float]:
+    """k-mers/s of one phase's training step shape, and peak memory after it."""
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def run():
+        with tc.autocast(device):
+            loss = step()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sec = timed(run, repeats)
+    return int(batch["attention_mask"].sum()) / sec, peak_memory_mb(device)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="", help="measure this model (default: default config, untrained)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--n", type=int, default=256, help="texts per measurement")
+    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the k-mer encoder")
+    ap.add_argument("--output", default="", help="also write the numbers as JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    f = load_pretrained(args.checkpoint) if args.checkpoint else KmerFilter(KmerVQVAE())
+    f.model.to(device)
+    if args.compile:
+        f.model.encoder = torch.compile(f.model.encoder)
+    teacher = Teacher.load(device=args.device, cache_dir=None, batch_size=args.batch_size)
+    queries, passages = texts(args.n)
+    rows = []
+
+    # 1. tokenizers
+    tok = f.tokenizer
+    n_kmers = int(tok(passages)["attention_mask"].sum())
+    t_k = timed(lambda: tok(passages), args.repeats)
+    t_w = timed(lambda: teacher.model.tokenizer(passages, truncation=True, max_length=256, padding=True), args.repeats)
+    rows.append(("tokenizer, ~400-char passages", len(passages) / t_k, len(passages) / t_w, f"{n_kmers / t_k:,.0f} k-mers/s"))
+
+    # 2. encoding
+    for name, items in (("encode ~40-char queries", queries), ("encode ~400-char passages", passages)):
+        t_s = timed(lambda: f.encode(items, batch_size=args.batch_size), args.repeats)
+        t_t = timed(lambda: teacher.encode_uncached(items), args.repeats)
+        rows.append((name, len(items) / t_s, len(items) / t_t, ""))
+
+    # 3. training step shapes (k-mers/s, peak memory), default config unless a checkpoint is given
+    cfg = f.model.config_dict()
+    b = tok.encode_windows([w for p in passages for w in tok.split_windows(p)][:args.batch_size])
+    ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+    target = torch.nn.functional.normalize(torch.randn(ids.shape[0], cfg["teacher_dim"], device=device), dim=-1)
+    m1 = KmerVQVAE(**cfg).to(device).train()
+    m1.quantizer.initialized.fill_(True)
+    rate, mem = train_step_rate(m1, list(m1.parameters()), lambda: m1(ids, mask, teacher=target)["loss"], b, device,
+                                args.repeats)
+    train = [("phase 1a (full model)", rate, mem)]
+    inject_lora(m1, rank=8, alpha=16)
+    m1.quantizer.set_mode("frozen")
+    rate, mem = train_step_rate(m1, [p for p in m1.parameters() if p.requires_grad],
+                                lambda: m1(ids, mask, teacher=target)["loss"], b, device, args.repeats)
+    train.append(("phase 1b (LoRA)", rate, mem))
+    m2 = KmerVQVAE(**cfg).to(device).eval()
+    ad = QueryPassageAdapters(d_model=cfg["d_model"]).to(device)
+
+    def p2_step():
+        with torch.no_grad():
+            z = m2.encode_windows(ids, mask)
+        return -torch.nn.functional.cosine_similarity(ad(z, "query"), ad(z, "passage")).mean()
+    rate, mem = train_step_rate(m2, list(ad.parameters()), p2_step, b, device, args.repeats)
+    train.append(("phase 2 (adapters, base frozen)", rate, mem))
+
+    # 4. report
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"\nbenchmark on {dev}; {len(passages)} passages, {len(queries)} queries; batch {args.batch_size}; "
+          f"model d_model={cfg['d_model']} layers={cfg['n_layers']} kmer_pool={cfg['kmer_pool']}")
+    print("\n| what | k-mer VQ-VAE texts/s | teacher texts/s | ratio | note |\n|---|---|---|---|---|")
+    for name, s, t, note in rows:
+        print(f"| {name} | {s:,.0f} | {t:,.0f} | {s / t:.1f}x | {note} |")
+    print("\n| training step | k-mers/s | peak memory (MB) |\n|---|---|---|")
+    for name, rate, mem in train:
+        print(f"| {name} | {rate:,.0f} | {mem:,.0f} |")
+    rate_1a = train[0][1]
+    print(f"\nprojection: Phase 1a at 200M k-mers takes {200e6 / rate_1a / 3600:.1f} h at {rate_1a:,.0f} k-mers/s "
+          f"on this device (teacher targets cached; batch {args.batch_size})")
+    if args.output:
+        with open(args.output, "w") as fh:
+            json.dump({"device": dev, "encode": rows, "train": train}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
