@@ -134,6 +134,8 @@ class CodebookUpkeep:
     """After each step: k-means init at the end of warm-up, then dead-code restarts."""
 
     def __init__(self, cfg, model, tok, stream, device, world):
+        # stream: windows for k-means; without teacher work it can be the whole train stream, wider
+        # than the (teacher-limited) training pool, so the codes cover text the encoder never fit
         self.cfg, self.model, self.tok, self.stream, self.device = cfg, model, tok, stream, device
         self.recent = collections.deque(maxlen=max(1, 4096 // cfg.batch_size))
         self.global_batch = cfg.batch_size * world
@@ -205,7 +207,8 @@ def main(cfg: Phase1Config) -> dict:
     if cfg.compile:
         train_model = torch.compile(train_model)
     logger = tc.RunLogger(cfg, run_dir, "phase1a", rank)
-    upkeep = CodebookUpkeep(cfg, model, tok, stream, device, world)
+    kmeans_stream = WindowStream(lambda: docs("train", True), tok, seed=cfg.seed + 1, shuffle_buffer=cfg.shuffle_buffer)
+    upkeep = CodebookUpkeep(cfg, model, tok, kmeans_stream, device, world)
     if rank == 0:
         print(f"phase 1a: {sum(p.numel() for p in model.parameters()):,} parameters, {len(held_out)} held-out "
               f"windows, teacher on {device}, data={cfg.data}")
