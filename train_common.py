@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vqvae_phase1_model import CHECKPOINT_FORMAT, CheckpointError, file_sha256, save_checkpoint
+from vqvae_phase1_model import CHECKPOINT_FORMAT, CheckpointError, file_sha256
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -265,6 +265,24 @@ def base_checkpoint(phase: str, cfg, model_config: dict, base_state: dict, state
 
 def parent_record(path: str) -> dict:
     return {"path": os.path.abspath(path), "sha256": file_sha256(path)}
+
+
+def start_run(cfg, default_output: str):
+    """Ranks, device, seed and output paths: the first step of every phase script.
+    -> (rank, world, device, latest checkpoint, best checkpoint, run dir)."""
+    rank, world = setup_distributed()
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed + rank)
+    return (rank, world, device, *output_paths(cfg, default_output))
+
+
+def resume_state(ckpt: dict, optimizer, skip_data) -> "LoopState":
+    """Restore optimizer, RNG and loop counters from a checkpoint; fast-forward the data."""
+    optimizer.load_state_dict(ckpt["resume"]["optimizer"])
+    torch.set_rng_state(ckpt["resume"]["torch_rng"])
+    state = LoopState.from_checkpoint(ckpt)
+    skip_data(state.data_position)
+    return state
 
 
 def output_paths(cfg, default_output: str) -> tuple[str, str, str]:

@@ -144,35 +144,42 @@ class KmerTokenizer:
     def _hash(self, buf: np.ndarray) -> np.ndarray:
         """Hash every k-gram starting in `buf` (zero-padded by k-1 bytes): (n, num_hashes) ids."""
         n = len(buf) - self.k + 1
-        value = np.zeros(n, dtype=np.uint64)
-        for j in range(self.k):  # pack k bytes big-endian into one integer
-            value = (value << np.uint64(8)) | buf[j:j + n].astype(np.uint64)
-        value = value + np.uint64(1)  # so an all-zero k-gram does not hash to a fixed 0
+        if self.k in (2, 4, 8):  # read each k-gram as one big-endian integer straight from the bytes
+            view = np.ndarray((n,), dtype=f">u{self.k}", buffer=buf, strides=(1,))
+            value = view.astype(np.uint64)
+        else:
+            value = np.zeros(n, dtype=np.uint64)
+            for j in range(self.k):  # pack k bytes big-endian into one integer
+                value = (value << np.uint64(8)) | buf[j:j + n].astype(np.uint64)
+        value += np.uint64(1)  # so an all-zero k-gram does not hash to a fixed 0
         h = value[:, None] * _HASH_MULTIPLIERS[None, :self.num_hashes]  # wraps mod 2^64
         h ^= h >> np.uint64(29)
-        h = h * np.uint64(0xBF58476D1CE4E5B9)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(32)
         return (h % np.uint64(self.buckets - 1)).astype(np.int64) + 1
 
-    def encode_windows(self, windows: list[str]) -> dict:
-        """Window texts -> input_ids (W, L[, H]) and attention_mask (W, L), L = window_size*kmer_pool."""
+    def encode_windows(self, windows: list[str], pad_to_window: bool = False) -> dict:
+        """Window texts -> input_ids (W, L[, H]) and attention_mask (W, L).
+
+        L is the longest window's k-mer count rounded up to a multiple of kmer_pool (at most
+        window_size * kmer_pool), so a batch of short queries is not padded to a full window;
+        `pad_to_window` forces the full length. Padding never changes the encoder's output.
+        """
         pad = self.k - 1
-        chunks, starts, lengths, pos = [], [], [], 0
-        for w in windows:
-            b = w.encode("utf-8")
-            chunks.append(b + b"\0" * pad)
-            starts.append(pos)
-            lengths.append(len(b))
-            pos += len(b) + pad
-        buf = np.frombuffer(b"".join(chunks) + b"\0" * pad, dtype=np.uint8)
+        data = [w.encode("utf-8") for w in windows]
+        lengths = np.fromiter((len(b) for b in data), dtype=np.int64, count=len(data))
+        starts = np.concatenate([[0], np.cumsum(lengths + pad)[:-1]]) if len(data) else lengths
+        buf = np.frombuffer((b"\0" * pad).join(data) + b"\0" * (2 * pad + 1), dtype=np.uint8)
         ids_flat = self._hash(buf)  # (total_bytes, H)
-        lengths = np.asarray(lengths)
-        n_kmers = np.maximum(1, (lengths - self.k) // self.stride + 1)
-        n_kmers = np.minimum(n_kmers, self.kmers_per_window)
-        offs = np.arange(self.kmers_per_window) * self.stride  # (L,)
-        mask = offs[None, :] < (n_kmers[:, None] * self.stride)  # (W, L)
-        idx = np.where(mask, np.asarray(starts)[:, None] + offs[None, :], 0)
-        ids = np.where(mask[..., None], ids_flat[idx], 0)  # (W, L, H)
+        ids_flat[-1] = 0  # the last position (pure padding) doubles as the pad id source
+        n_kmers = np.minimum(np.maximum(1, (lengths - self.k) // self.stride + 1), self.kmers_per_window)
+        L = self.kmers_per_window
+        if not pad_to_window and len(data):
+            L = min(L, -(-int(n_kmers.max()) // self.pool) * self.pool)
+        offs = np.arange(L) * self.stride  # (L,)
+        mask = np.arange(L)[None, :] < n_kmers[:, None]  # (W, L)
+        idx = np.where(mask, starts[:, None] + offs[None, :], len(ids_flat) - 1)
+        ids = ids_flat[idx]  # (W, L, H), padding -> 0
         if self.num_hashes == 1:
             ids = ids[..., 0]
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}

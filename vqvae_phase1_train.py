@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 
@@ -25,7 +24,8 @@ import train_common as tc
 from data_common import parse_data_files, parse_weights
 from teacher import Teacher, TeacherError
 from train_common import CommonConfig, LoopState, UserError, opt
-from vqvae_phase1_model import KmerTokenizer, KmerVQVAE, KmerVQVAEConfig, codebook_health, load_checkpoint
+from vqvae_phase1_model import (KmerTokenizer, KmerVQVAE, KmerVQVAEConfig, codebook_health, load_checkpoint,
+                                save_checkpoint)
 from vqvae_phase1a_data_webtext import DEFAULT_WEIGHTS, WEBTEXT_SOURCES, WindowStream, eval_windows, webtext_documents
 
 
@@ -163,10 +163,7 @@ class CodebookUpkeep:
 
 def main(cfg: Phase1Config) -> dict:
     # 1. config, ranks, seed
-    rank, world = tc.setup_distributed()
-    device = tc.pick_device(cfg.device)
-    tc.seed_everything(cfg.seed + rank)
-    out_path, best_path, run_dir = tc.output_paths(cfg, "kmer_vqvae_phase1.pt")
+    rank, world, device, out_path, best_path, run_dir = tc.start_run(cfg, "kmer_vqvae_phase1.pt")
     mcfg = model_config(cfg)
     weights = parse_weights(cfg.sources, WEBTEXT_SOURCES)
     files = parse_data_files(cfg.data_files)
@@ -197,10 +194,7 @@ def main(cfg: Phase1Config) -> dict:
         ckpt = load_checkpoint(out_path, phases=("phase1a",))
         check_architecture(ckpt["base_config"], mcfg, out_path)
         model.load_state_dict(ckpt["base_model_state_dict"])
-        optimizer.load_state_dict(ckpt["resume"]["optimizer"])
-        torch.set_rng_state(ckpt["resume"]["torch_rng"])
-        state = LoopState.from_checkpoint(ckpt)
-        stream.skip(state.data_position)
+        state = tc.resume_state(ckpt, optimizer, stream.skip)
         if rank == 0:
             print(f"resuming {out_path} at step {state.step} ({state.tokens_seen:,} k-mers seen)")
     train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
@@ -236,7 +230,6 @@ def main(cfg: Phase1Config) -> dict:
         st.data_position = stream.position
         ckpt = tc.base_checkpoint("phase1a", cfg, model.config_dict(), model.state_dict(), st, metrics,
                                   None, optimizer)
-        from vqvae_phase1_model import save_checkpoint
         save_checkpoint(ckpt, out_path)
         if is_best:
             save_checkpoint(ckpt, best_path)

@@ -70,10 +70,7 @@ def build_model(cfg, parent: dict, device):
 
 def main(cfg: Phase1bConfig) -> dict:
     # 1. parent checkpoint, ranks, data
-    rank, world = tc.setup_distributed()
-    device = tc.pick_device(cfg.device)
-    tc.seed_everything(cfg.seed + rank)
-    out_path, best_path, run_dir = tc.output_paths(cfg, "kmer_vqvae_phase1b_lora.pt")
+    rank, world, device, out_path, best_path, run_dir = tc.start_run(cfg, "kmer_vqvae_phase1b_lora.pt")
     parent = load_checkpoint(cfg.phase1a_checkpoint, phases=("phase1a",))
     parent_rec = tc.parent_record(cfg.phase1a_checkpoint)
     source_weights = parse_weights(cfg.sources or (HUB_DEFAULT if cfg.data == "hub" else SAMPLE_DEFAULT),
@@ -124,11 +121,8 @@ def main(cfg: Phase1bConfig) -> dict:
         ckpt = load_checkpoint(out_path, phases=("phase1b",))
         model.load_state_dict({**model.state_dict(), **ckpt["lora_state_dict"],
                                "quantizer.codebook": ckpt["base_model_state_dict"]["quantizer.codebook"]})
-        optimizer.load_state_dict(ckpt["resume"]["optimizer"])
-        torch.set_rng_state(ckpt["resume"]["torch_rng"])
-        state = LoopState.from_checkpoint(ckpt)
+        state = tc.resume_state(ckpt, optimizer, stream.skip)
         before = ckpt["metrics"].get("before", before)
-        stream.skip(state.data_position)
     train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     logger = tc.RunLogger(cfg, run_dir, "phase1b", rank)
     if rank == 0:

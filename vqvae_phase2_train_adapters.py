@@ -22,7 +22,7 @@ from data_common import parse_data_files, parse_weights
 from lora_adapters import QueryPassageAdapters
 from teacher import Teacher, TeacherError
 from train_common import CommonConfig, LoopState, UserError, opt
-from vqvae_phase1_model import load_checkpoint, model_from_checkpoint, normalize_text, save_checkpoint
+from vqvae_phase1_model import load_checkpoint, model_from_checkpoint, save_checkpoint
 from vqvae_phase2_data import HUB_DEFAULT, PAIR_SOURCES, SAMPLE_DEFAULT, PairBatcher, pair_stream
 
 
@@ -117,10 +117,7 @@ def evaluate_pairs(model, adapters, enc: FrozenEncoder, pairs, bs: int, teacher_
 
 def main(cfg: Phase2Config) -> dict:
     # 1. parent checkpoint (1a or 1b), frozen base
-    rank, world = tc.setup_distributed()
-    device = tc.pick_device(cfg.device)
-    tc.seed_everything(cfg.seed + rank)
-    out_path, best_path, run_dir = tc.output_paths(cfg, "kmer_vqvae_phase2_aligned.pt")
+    rank, world, device, out_path, best_path, run_dir = tc.start_run(cfg, "kmer_vqvae_phase2_aligned.pt")
     parent = load_checkpoint(cfg.checkpoint, phases=("phase1a", "phase1b"))
     model = model_from_checkpoint(parent).to(device).eval()
     for p in model.parameters():
@@ -163,10 +160,7 @@ def main(cfg: Phase2Config) -> dict:
     if cfg.resume and os.path.exists(out_path):
         ckpt = load_checkpoint(out_path, phases=("phase2",))
         adapters.load_state_dict(ckpt["adapter_state_dict"])
-        optimizer.load_state_dict(ckpt["resume"]["optimizer"])
-        torch.set_rng_state(ckpt["resume"]["torch_rng"])
-        state = LoopState.from_checkpoint(ckpt)
-        batches.skip(state.data_position)
+        state = tc.resume_state(ckpt, optimizer, batches.skip)
     train_adapters = torch.nn.parallel.DistributedDataParallel(adapters) if world > 1 else adapters
     logger = tc.RunLogger(cfg, run_dir, "phase2", rank)
     before = evaluate_pairs(model, adapters, enc, held, cfg.eval_batch_size, teacher_emb)

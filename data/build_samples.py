@@ -14,7 +14,6 @@ import csv
 import glob
 import gzip
 import hashlib
-import io
 import json
 import os
 import re

@@ -25,7 +25,7 @@ def test_extra_padding_does_not_change_z_e(tiny_model):
     tiny_model.eval()
     cfg = tiny_model.config
     tok = tiny_model.tokenizer()
-    b = tok(["short text here"])
+    b = tok.encode_windows(["short text here"], pad_to_window=True)
     ids, mask = b["input_ids"], b["attention_mask"]
     n = int(mask.sum())
     z_full = tiny_model.encode_windows(ids, mask)

@@ -1,7 +1,6 @@
 """The three phases chained on the bundled samples with tiny configs, the real teacher and real
 `datasets` loaders (offline), wandb disabled."""
 import json
-import os
 
 import pytest
 import torch

@@ -24,7 +24,9 @@ def test_normalisation():
 def test_any_text_tokenizes(text):
     tok = KmerTokenizer(window_size=16, kmer_pool=2, kmer_buckets=1024)
     b = tok([text, "ok"])
-    assert b["input_ids"].shape[1:] == (32, 2)
+    L = b["input_ids"].shape[1]
+    assert L <= 32 and L % 2 == 0 and b["input_ids"].shape[2] == 2  # trimmed to a multiple of kmer_pool
+    assert tok.encode_windows(["ok"], pad_to_window=True)["input_ids"].shape[1:] == (32, 2)
     assert b["input_ids"].min() >= 0 and b["input_ids"].max() < 1024
     assert b["attention_mask"].sum(1).min() >= 1  # every window has at least one k-mer
     assert set(b["text_index"].tolist()) == {0, 1}
@@ -32,7 +34,7 @@ def test_any_text_tokenizes(text):
 
 def test_padding_is_zero_and_real_ids_are_not():
     tok = KmerTokenizer(window_size=8, kmer_pool=1, kmer_buckets=64, num_hashes=1)
-    b = tok(["abcdef"])
+    b = tok.encode_windows(["abcdef"], pad_to_window=True)
     ids, mask = b["input_ids"][0], b["attention_mask"][0]
     assert mask.sum() == 3  # 6 bytes -> 3 overlapping 4-mers
     assert (ids[mask] > 0).all() and (ids[~mask] == 0).all()
