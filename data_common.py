@@ -130,7 +130,7 @@ def mix(streams: dict[str, Callable[[], Iterator]], weights: dict[str, float], s
         cycle: bool = True) -> Iterator[tuple[str, object]]:
     """Weighted, seeded interleave of restartable streams; a finished stream restarts (cycle) or drops."""
     rng = np.random.default_rng(seed)
-    names = [n for n in streams if weights.get(n, 0) > 0]
+    names = sorted(n for n in streams if weights.get(n, 0) > 0)  # fixed order: same draws in every process
     iters = {n: iter(streams[n]()) for n in names}
     while names:
         w = np.array([weights[n] for n in names], dtype=np.float64)

@@ -178,9 +178,9 @@ def domain_documents(mode: str, split: str, source_weights: dict[str, float],
     weights = effective_weights(source_weights, domain_weights or {"academic": 1.0, "conversational": 1.0})
     sources = {n: DOMAIN_SOURCES[n][1] for n in weights}
     # Hub sources with no validation split: both sides come from train, split by a text hash.
-    carve = {n for n in weights if mode == "hub" and sources[n].splits.get("validation") is None}
+    carve = [n for n in weights if mode == "hub" and sources[n].splits.get("validation") is None]
     opened = {}
-    for split_name, names in (("train", carve), (split, set(weights) - carve)):
+    for split_name, names in (("train", carve), (split, [n for n in weights if n not in carve])):
         if names:
             opened.update(open_sources({n: sources[n] for n in names}, {n: weights[n] for n in names},
                                        split_name, mode, files or {}, skip_unavailable))

@@ -144,3 +144,17 @@ def test_user_mistakes_are_one_line(tmp_path):
     bad = _jsonl(tmp_path / "bad.jsonl.gz", [{"body": "no text column"}])
     with pytest.raises(UserError, match=r"lacks column\(s\) \['text'\].*Hub schema"):
         list(itertools.islice(webtext_documents("files", "train", {"c4": 1}, files={"c4": [bad]}), 1))
+
+
+def test_mixtures_are_identical_across_hash_seeds():
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, itertools, hashlib; sys.path.insert(0, %r); "
+            "from vqvae_phase1b_data_domains import domain_documents; "
+            "d = domain_documents('sample', 'validation', {'arxiv': 1, 'pubmed': 1, 'ultrachat': 1, 'hh_rlhf': 1}, cycle=False); "
+            "print(hashlib.sha1(''.join(itertools.islice(d, 40)).encode()).hexdigest())" % repo)
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(outs) == 1

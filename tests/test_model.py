@@ -123,7 +123,7 @@ def test_diversity_loss_range_and_gradient():
     q = VectorQuantizer(cfg).train()
     z = torch.randn(64, 8, requires_grad=True)
     out = q(z)
-    assert 0.0 <= float(out["diversity_loss"]) <= 1.0
+    assert 0.0 <= out["diversity_loss"].item() <= 1.0
     q.avg_probs.zero_()
     q.avg_probs[0] = 1.0  # collapsed running average
     loss = q(z)["diversity_loss"]
