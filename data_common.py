@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -181,8 +181,7 @@ def open_sources(sources: dict[str, Source], weights: dict[str, float], split: s
         except UserError as e:
             if not skip_unavailable:
                 raise
-            warnings.warn(f"SKIPPING source '{name}': {e}", stacklevel=2)
-            print(f"WARNING: skipping unavailable source '{name}': {e}")
+            print(f"WARNING: skipping unavailable source '{name}' (--skip_unavailable): {e}", file=sys.stderr)
     if not opened:
         raise UserError("no source could be loaded; see the messages above")
     return opened

@@ -2,7 +2,7 @@
 
     from vqvae_phase2_data import pair_stream, PAIR_SOURCES
     pairs = pair_stream("sample", "train", {"squad": 1, "medquad": 1})
-    batch = next(PairBatcher(pairs, batch_size=64))   # no passage (or query) twice in a batch
+    batch = next(PairBatcher(lambda: pairs, batch_size=64))   # no passage (or query) twice in a batch
 
 The held-out side is chosen by a hash of a group key (the article title where there is one, else
 the passage), so no passage is on both sides. SQuAD dev rows (which carry a title) are split by
@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from data_common import Source, held_out, iter_shard, mix, open_sources
+from train_common import UserError
 from vqvae_phase1_model import normalize_text
 
 TRAIN_ONLY = {"train": "train", "validation": "train"}  # the Hub pair sets have only train
@@ -98,7 +99,6 @@ def pair_stream(mode: str, split: str, weights: dict[str, float], files: dict | 
     """Mixed (query, passage) pairs of one side of the deterministic split."""
     for name in weights:
         if mode == "hub" and not PAIR_SOURCES[name][0].hub_id:
-            from train_common import UserError
             raise UserError(f"source '{name}' is offline-only here: use --data sample, or --data files "
                             f"--data_files {name}=PATH")
     sources = {n: PAIR_SOURCES[n][0] for n in weights}
@@ -118,7 +118,7 @@ class PairBatcher:
 
     def __init__(self, pairs: Callable[[], Iterator[tuple[str, str]]], batch_size: int, seed: int = 0,
                  pool_size: int = 0):
-        self.pairs_fn, self.batch_size, self.pool_size = pairs_fn_checked(pairs), batch_size, pool_size
+        self.pairs_fn, self.batch_size, self.pool_size = pairs, batch_size, pool_size
         self.rng = np.random.default_rng(seed)
         self.position, self.waiting = 0, []
         self._it = self._source()
@@ -170,6 +170,3 @@ class PairBatcher:
                 break
             self.position += 1
 
-
-def pairs_fn_checked(pairs):
-    return pairs if callable(pairs) else (lambda: pairs)

@@ -158,3 +158,12 @@ def test_mixtures_are_identical_across_hash_seeds():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
     assert len(outs) == 1
+
+
+def test_skip_unavailable_drops_a_source_loudly(capsys):
+    weights = {"arxiv": 1.0, "oasst": 1.0}  # oasst has no bundled sample
+    with pytest.raises(UserError, match="source 'oasst' has no bundled"):
+        list(itertools.islice(domain_documents("sample", "train", weights), 1))
+    docs = list(itertools.islice(domain_documents("sample", "train", weights, skip_unavailable=True), 5))
+    assert len(docs) == 5
+    assert "skipping unavailable source 'oasst'" in capsys.readouterr().err
