@@ -47,6 +47,7 @@ class KmerVQVAEConfig:
     window_size: int = 64  # encoder positions per window
     kmer_pool: int = 4  # k-mers mean-pooled into one position (1 = none); see README "Geometry"
     max_windows: int = 16  # windows kept per text (a passage longer than this is truncated)
+    hash_version: int = 2  # k-mer hash: 2 = 32-bit (fast); 1 = the first, 64-bit one (older checkpoints)
     # encoder
     d_model: int = 384
     n_layers: int = 4
@@ -81,10 +82,14 @@ def config_dict(cfg: KmerVQVAEConfig | dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
 
-_HASH_MULTIPLIERS = np.array(
+_HASH_MULTIPLIERS = np.array(  # hash_version 1 (64-bit; checkpoints written before hash_version existed)
     [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93],
     dtype=np.uint64,
 )
+_HASH32_MULTIPLIERS = np.array([0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F], dtype=np.uint32)  # version 2
+_ASCII_SPACE = np.zeros(256, dtype=bool)
+_ASCII_SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True  # the ASCII characters str.isspace() accepts
+_OTHER_SPACES = ("\x85", "\u1680", "\u2028", "\u2029")  # the only non-ASCII whitespace NFKC leaves in place
 
 
 def normalize_text(text: str) -> str:
@@ -96,6 +101,36 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
+def normalize_batch(texts: list) -> list[bytes]:
+    """`normalize_text(t).encode()` for every text, in a few passes over the whole batch.
+
+    The texts are joined with NUL (which NFKC, lower() and the whitespace rules all leave alone,
+    and which stops both composition and the final-sigma rule, exactly like a text boundary);
+    a batch in which a text itself holds NUL takes the one-by-one path.
+    """
+    texts = [t if isinstance(t, str) else ("" if t is None else str(t)) for t in texts]
+    joined = "\0".join(texts)
+    if joined.count("\0") != len(texts) - 1:
+        return [normalize_text(t).encode("utf-8") for t in texts]
+    if joined.isascii():  # ASCII is already NFKC; bytes.lower() is str.lower() on ASCII
+        data = joined.encode("ascii").lower()
+    else:
+        joined = "\0".join(t if t.isascii() else unicodedata.normalize("NFKC", t.encode("utf-8", "replace")
+                                                                       .decode("utf-8")) for t in texts).lower()
+        for ch in _OTHER_SPACES:
+            if ch in joined:
+                joined = joined.replace(ch, " ")
+        data = joined.encode("utf-8")
+    # Whitespace runs -> one space, then no space next to a text boundary (NUL) or the ends.
+    a = np.frombuffer(data, dtype=np.uint8)
+    if not a.size:
+        return [b""] * len(texts)
+    space = _ASCII_SPACE[a]
+    a = np.where(space, np.uint8(32), a)[~(space & np.concatenate(([False], space[:-1])))]
+    edge = np.concatenate(([True], a[:-1] == 0)) | np.concatenate((a[1:] == 0, [True]))
+    return a[~((a == 32) & edge)].tobytes().split(b"\0")
+
+
 class KmerTokenizer:
     """Text -> windows of hashed byte k-mer ids (0 = padding), with attention masks.
 
@@ -105,14 +140,16 @@ class KmerTokenizer:
     """
 
     def __init__(self, kmer_len=4, kmer_stride=1, kmer_buckets=32768, num_hashes=2, window_size=64,
-                 kmer_pool=1, max_windows=16, **_model_keys):
+                 kmer_pool=1, max_windows=16, hash_version=2, **_model_keys):
         if not (1 <= kmer_len <= 8):
             raise ValueError(f"kmer_len must be in 1..8, got {kmer_len}")
         if num_hashes > len(_HASH_MULTIPLIERS):
             raise ValueError(f"num_hashes must be <= {len(_HASH_MULTIPLIERS)}")
+        if hash_version not in (1, 2):
+            raise ValueError(f"hash_version must be 1 or 2, got {hash_version}")
         self.k, self.stride, self.buckets = kmer_len, kmer_stride, kmer_buckets
         self.num_hashes, self.window_size, self.pool = num_hashes, window_size, kmer_pool
-        self.max_windows = max_windows
+        self.max_windows, self.hash_version = max_windows, hash_version
         self.kmers_per_window = window_size * kmer_pool
         self.window_bytes = (self.kmers_per_window - 1) * kmer_stride + kmer_len
 
@@ -123,79 +160,100 @@ class KmerTokenizer:
     def split_windows(self, text: str, max_windows: int | None = None) -> list[str]:
         """Normalise and cut one text into window texts (always at least one, maybe empty)."""
         data = normalize_text(text).encode("utf-8")
-        limit = self.max_windows if max_windows is None else max_windows
+        return [w.decode("utf-8") for w in self._split_bytes(data, max_windows)]
+
+    def _split_bytes(self, data: bytes, max_windows: int | None = None) -> list[bytes]:
         if len(data) <= self.window_bytes:
-            return [data.decode("utf-8")]
+            return [data]
+        limit = self.max_windows if max_windows is None else max_windows
         out, start, budget = [], 0, self.window_bytes
         while start < len(data) and (limit <= 0 or len(out) < limit):
             end = start + budget
             if end >= len(data):
-                out.append(data[start:].decode("utf-8"))
+                out.append(data[start:])
                 break
             cut = data.rfind(b" ", start + budget // 2, end + 1)
             if cut < 0:  # no space: cut at a character boundary (skip UTF-8 continuation bytes)
                 cut = end
                 while cut > start and (data[cut] & 0xC0) == 0x80:
                     cut -= 1
-            out.append(data[start:cut].decode("utf-8"))
+            out.append(data[start:cut])
             start = cut + 1 if data[cut:cut + 1] == b" " else cut
         return out
 
-    def _hash(self, buf: np.ndarray) -> np.ndarray:
-        """Hash every k-gram starting in `buf` (zero-padded by k-1 bytes): (n, num_hashes) ids."""
-        n = len(buf) - self.k + 1
-        if self.k in (2, 4, 8):  # read each k-gram as one big-endian integer straight from the bytes
-            view = np.ndarray((n,), dtype=f">u{self.k}", buffer=buf, strides=(1,))
-            value = view.astype(np.uint64)
-        else:
-            value = np.zeros(n, dtype=np.uint64)
-            for j in range(self.k):  # pack k bytes big-endian into one integer
-                value = (value << np.uint64(8)) | buf[j:j + n].astype(np.uint64)
-        value += np.uint64(1)  # so an all-zero k-gram does not hash to a fixed 0
-        h = value[:, None] * _HASH_MULTIPLIERS[None, :self.num_hashes]  # wraps mod 2^64
-        h ^= h >> np.uint64(29)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(32)
-        return (h % np.uint64(self.buckets - 1)).astype(np.int64) + 1
+    def _kmer_values(self, rows: np.ndarray, W: int, L: int, R: int) -> np.ndarray:
+        """Each k-gram of `rows` (W rows of R bytes, zero-padded) as one big-endian integer: (W, L)."""
+        wide = np.uint64 if self.k > 4 or self.hash_version == 1 else np.uint32
+        if self.k in (1, 2, 4, 8):  # read straight from the bytes
+            view = np.ndarray((W, L), dtype=f">u{self.k}", buffer=rows, strides=(R, self.stride))
+            return view.astype(wide)
+        value = np.zeros((W, L), dtype=wide)
+        for j in range(self.k):
+            col = np.ndarray((W, L), dtype=np.uint8, buffer=rows, offset=j, strides=(R, self.stride))
+            value = (value << wide(8)) | col.astype(wide)
+        return value
 
-    def encode_windows(self, windows: list[str], pad_to_window: bool = False) -> dict:
-        """Window texts -> input_ids (W, L[, H]) and attention_mask (W, L).
+    def _hash(self, value: np.ndarray) -> np.ndarray:
+        """k-gram integers (W, L) -> bucket ids in [1, buckets - 1], (num_hashes, W, L) int32/int64."""
+        H, B = self.num_hashes, self.buckets
+        if self.hash_version == 1:  # 64-bit multiply-xorshift, reduced modulo B - 1
+            h = (value + np.uint64(1))[None] * _HASH_MULTIPLIERS[:H, None, None]
+            h ^= h >> np.uint64(29)
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(32)
+            return (h % np.uint64(B - 1)).astype(np.int64) + 1
+        if value.dtype == np.uint64:  # k > 4: fold to 32 bits first
+            value = ((value >> np.uint64(32)) ^ (value * np.uint64(0x9E3779B97F4A7C15) >> np.uint64(32))
+                     ^ value).astype(np.uint32)
+        out = np.empty((H,) + value.shape, dtype=np.uint32)
+        for i in range(H):  # a 32-bit multiply-xorshift permutation per hash, then multiply-shift range
+            h = out[i]
+            np.multiply(value, _HASH32_MULTIPLIERS[i], out=h)
+            h ^= h >> np.uint32(16)
+            h *= np.uint32(0x7FEB352D)
+            h ^= h >> np.uint32(15)
+            if B - 1 <= 0xFFFF:
+                h >>= np.uint32(16)
+                h *= np.uint32(B - 1)
+                h >>= np.uint32(16)
+                h += np.uint32(1)
+            else:
+                out[i] = (h.astype(np.uint64) * np.uint64(B - 1) >> np.uint64(32)).astype(np.uint32) + 1
+        return out.view(np.int32)
+
+    def encode_windows(self, windows: list[str] | list[bytes], pad_to_window: bool = False) -> dict:
+        """Window texts (already normalised: from split_windows) -> input_ids (W, L[, H]) and
+        attention_mask (W, L).
 
         L is the longest window's k-mer count rounded up to a multiple of kmer_pool (at most
         window_size * kmer_pool), so a batch of short queries is not padded to a full window;
         `pad_to_window` forces the full length. Padding never changes the encoder's output.
         """
-        pad = self.k - 1
-        data = [w.encode("utf-8") for w in windows]
-        lengths = np.fromiter((len(b) for b in data), dtype=np.int64, count=len(data))
-        starts = np.concatenate([[0], np.cumsum(lengths + pad)[:-1]]) if len(data) else lengths
-        buf = np.frombuffer((b"\0" * pad).join(data) + b"\0" * (2 * pad + 1), dtype=np.uint8)
-        ids_flat = self._hash(buf)  # (total_bytes, H)
-        ids_flat[-1] = 0  # the last position (pure padding) doubles as the pad id source
-        n_kmers = np.minimum(np.maximum(1, (lengths - self.k) // self.stride + 1), self.kmers_per_window)
+        data = [w if isinstance(w, bytes) else w.encode("utf-8") for w in windows]
+        W = len(data)
+        lengths = np.fromiter(map(len, data), dtype=np.int64, count=W)
+        n_kmers = np.clip((lengths - self.k) // self.stride + 1, 1, self.kmers_per_window)
         L = self.kmers_per_window
-        if not pad_to_window and len(data):
+        if not pad_to_window and W:
             L = min(L, -(-int(n_kmers.max()) // self.pool) * self.pool)
-        offs = np.arange(L) * self.stride  # (L,)
+        R = (L - 1) * self.stride + self.k  # bytes a full row of L k-mers reads
+        rows = np.frombuffer(b"".join([d[:R].ljust(R, b"\0") for d in data]) + bytes(8), dtype=np.uint8)
+        ids = self._hash(self._kmer_values(rows, W, L, R))  # (H, W, L)
         mask = np.arange(L)[None, :] < n_kmers[:, None]  # (W, L)
-        idx = np.where(mask, starts[:, None] + offs[None, :], len(ids_flat) - 1)
-        ids = ids_flat[idx]  # (W, L, H), padding -> 0
-        if self.num_hashes == 1:
-            ids = ids[..., 0]
+        ids *= mask[None].astype(ids.dtype)  # padding -> 0
+        ids = ids[0] if self.num_hashes == 1 else np.moveaxis(ids, 0, -1)
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
     def __call__(self, texts: list[str] | str, max_windows: int | None = None) -> dict:
         """Texts -> batch of windows plus `text_index` (W,) mapping each window to its text."""
         if isinstance(texts, str):
             texts = [texts]
-        windows, text_index = [], []
-        for i, t in enumerate(texts):
-            ws = self.split_windows(t, max_windows)
-            windows.extend(ws)
-            text_index.extend([i] * len(ws))
+        per_text = [self._split_bytes(d, max_windows) for d in normalize_batch(texts)]
+        windows = [w for ws in per_text for w in ws]
         batch = self.encode_windows(windows)
-        batch["text_index"] = torch.tensor(text_index, dtype=torch.long)
-        batch["window_texts"] = windows
+        counts = np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text))
+        batch["text_index"] = torch.from_numpy(np.repeat(np.arange(len(texts)), counts))
+        batch["window_texts"] = [w.decode("utf-8") for w in windows]
         batch["num_texts"] = len(texts)
         return batch
 
@@ -357,6 +415,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("z_mean", torch.zeros(cd))  # running mean of in_proj(z_e), when centring
         self.center = cfg.center_codes
         self.mode = "ema"  # "ema" | "grad" | "frozen"; not state: the training script sets it
+        # True: forward() in training updates the codebook statistics from its own batch. False: the
+        # training script feeds them separately through observe() (Phase 1a's --codebook_windows).
+        self.track_batch = True
 
     def set_mode(self, mode: str):
         if mode not in ("ema", "grad", "frozen"):
@@ -386,8 +447,9 @@ class VectorQuantizer(nn.Module):
         return self._codes()[indices]
 
     def forward(self, z: torch.Tensor, top_n: int = 1) -> dict:
+        track = self.training and self.track_batch
         with torch.autocast(device_type=z.device.type, enabled=False):
-            if self.center and self.training and self.mode != "frozen" and bool(self.initialized):
+            if self.center and track and self.mode != "frozen" and bool(self.initialized):
                 self.update_mean(z)
             zc = self.project(z)  # (B, cd)
             sim = self.similarity(zc)  # (B, K)
@@ -399,32 +461,53 @@ class VectorQuantizer(nn.Module):
             if self.mode == "grad":
                 commit = commit + F.mse_loss(zq, zc.detach())  # codebook loss (VQ-VAE eq. 3)
             out["commit_loss"] = self.commitment_weight * commit
-            out["diversity_loss"] = self.diversity_loss(sim)
+            out["diversity_loss"] = self.diversity_loss(sim, update=track)
             out["z_q"] = zc + (zq - zc).detach() if self.mode != "grad" else zq + (zc - zc.detach())
-            if self.training and self.mode == "ema" and bool(self.initialized):
+            if track and self.mode == "ema" and bool(self.initialized):
                 self.ema_update(zc.detach(), idx)
         return out
 
-    def diversity_loss(self, sim: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def observe(self, z: torch.Tensor) -> torch.Tensor:
+        """Update the codebook statistics (mean, EMA, running assignment) from encoder outputs that
+        are not being trained on; returns their code ids. Every rank must call it (all-reduces)."""
+        z = z.float()
+        if self.center and self.mode != "frozen" and bool(self.initialized):
+            self.update_mean(z)
+        zc = self.project(z)
+        sim = self.similarity(zc)
+        idx = sim.argmax(1)
+        if self.mode != "frozen":
+            self._update_running(sim)
+            if self.mode == "ema" and bool(self.initialized):
+                self.ema_update(zc, idx)
+        return idx
+
+    def _logits(self, sim: torch.Tensor) -> torch.Tensor:
+        return sim / self.tau if self.cosine else sim / (self.tau * sim.detach().abs().mean().clamp(min=1e-6))
+
+    @torch.no_grad()
+    def _update_running(self, sim: torch.Tensor):
+        p = _all_reduce_(self._logits(sim).softmax(-1).mean(0).detach().clone())
+        if dist.is_available() and dist.is_initialized():
+            p /= dist.get_world_size()
+        self.avg_probs.lerp_(p, 1 - self.decay)
+
+    def diversity_loss(self, sim: torch.Tensor, update: bool = True) -> torch.Tensor:
         """1 - H(mean soft assignment)/log K, in [0, 1], using a running (EMA) mean assignment.
 
         A batch of B examples can show at most B codes, so the value is that of the running
         estimate and the gradient is its first-order term through the current batch.
         """
-        logits = sim / self.tau if self.cosine else sim / (self.tau * sim.detach().abs().mean().clamp(min=1e-6))
-        p_batch = logits.softmax(-1).mean(0)  # (K,)
+        p_batch = self._logits(sim).softmax(-1).mean(0)  # (K,)
         run = self.avg_probs.clamp(min=1e-12)
         log_k = math.log(self.K)
         value = 1 + (run * run.log()).sum() / log_k
         slope = (run.clamp(min=0.01 / self.K).log() + 1) / log_k  # dH/dp, bounded for unused codes
         grad_term = ((p_batch - run) * slope).sum()
         grad_term = grad_term - grad_term.detach()  # value is the running estimate's; gradient is first-order
-        if self.training and self.mode != "frozen":
-            with torch.no_grad():
-                p = _all_reduce_(p_batch.detach().clone())
-                if dist.is_available() and dist.is_initialized():
-                    p /= dist.get_world_size()
-                self.avg_probs.lerp_(p, 1 - self.decay)
+        if update and self.training and self.mode != "frozen":
+            self._update_running(sim)
         return value + grad_term
 
     @torch.no_grad()
@@ -641,6 +724,8 @@ def load_checkpoint(path: str, phases: tuple[str, ...] | None = None, map_locati
     if phases is not None and ckpt.get("phase") not in phases:
         raise CheckpointError(f"{path} is a {ckpt.get('phase')} checkpoint, but this step needs "
                               f"{' or '.join(phases)}")
+    if isinstance(ckpt.get("base_config"), dict):  # written before hash_version existed: the 64-bit hash
+        ckpt["base_config"].setdefault("hash_version", 1)
     return ckpt
 
 

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vqvae_phase1_model import KmerTokenizer, normalize_text
+from vqvae_phase1_model import (KmerTokenizer, KmerVQVAE, load_checkpoint, normalize_batch, normalize_text,
+                                save_checkpoint)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NASTY = ["", "   \t\n ", "😀🎉👍🏽", "日本語のテキストと中文", "a\ud800b\udfffc", "\x00\x01\x02\x7f\x1b[0m",
@@ -89,3 +90,60 @@ def test_fuzz_never_raises_and_is_deterministic(text):
     a, b = tok([text]), tok([text])
     assert torch.equal(a["input_ids"], b["input_ids"])
     assert a["attention_mask"].any(1).all()
+
+
+# Characters that make batch normalisation hard: NUL (the batch separator), whitespace of every
+# kind, final sigma, combining marks, compatibility forms, surrogates.
+_TRICKY = st.sampled_from(["\x00", " ", "\t", "\n", "\x1c", "\x85", "\xa0", "\u1680", "\u2028", "\u3000",
+                           "\u0301", "\u0308", "Σ", "ς", "İ", "ﬁ", "①", "\ud800", "'", "A", "e"])
+_TEXT = st.lists(st.one_of(st.characters(codec=None), _TRICKY), max_size=40).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_TEXT, max_size=8))
+def test_batch_normalisation_equals_one_by_one(texts):
+    assert normalize_batch(texts) == [normalize_text(t).encode("utf-8") for t in texts]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_TEXT, min_size=1, max_size=6))
+def test_batch_call_equals_split_then_encode(texts):
+    tok = KmerTokenizer(window_size=4, kmer_pool=2, kmer_buckets=512, max_windows=3)
+    got = tok(texts)
+    windows = [tok.split_windows(t) for t in texts]
+    flat = [w for ws in windows for w in ws]
+    want = tok.encode_windows(flat)
+    assert got["window_texts"] == flat
+    assert got["text_index"].tolist() == [i for i, ws in enumerate(windows) for _ in ws]
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    assert torch.equal(got["attention_mask"], want["attention_mask"])
+
+
+def test_hash_version_1_reproduces_the_first_tokenizer():
+    # ids the 64-bit tokenizer gave (before hash_version existed): old checkpoints must see the same
+    tok = KmerTokenizer(window_size=64, kmer_pool=4, hash_version=1)
+    ids = tok(["hello world"])["input_ids"][0]
+    assert ids.tolist() == [[814, 27702], [14832, 24440], [22709, 20475], [32095, 9364], [10721, 25562],
+                            [244, 30842], [28149, 11736], [18516, 21226]]
+    assert not torch.equal(ids, KmerTokenizer(window_size=64, kmer_pool=4)(["hello world"])["input_ids"][0])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(kmer_len=3, kmer_stride=2), dict(kmer_len=8, kmer_stride=4),
+                                dict(kmer_buckets=100_000), dict(hash_version=1)])
+def test_every_geometry_hashes_into_range(kw):
+    tok = KmerTokenizer(**{"num_hashes": 2, "window_size": 16, "kmer_pool": 1, **kw})
+    b = tok(["The quick brown fox jumps over the lazy dog; 日本語 ünïcödé " * 3, "x", ""])
+    ids, mask = b["input_ids"], b["attention_mask"]
+    assert ids[mask].min() >= 1 and ids.max() < tok.buckets and (ids[~mask] == 0).all()
+    assert ids[0][mask[0]].unique().numel() > 0.5 * mask[0].sum()  # distinct k-mers mostly get distinct ids
+
+
+def test_old_checkpoint_keeps_its_hash(tmp_path):
+    model = KmerVQVAE(d_model=16, n_layers=1, n_heads=2, num_codes=4, kmer_buckets=64, window_size=8)
+    config = model.config_dict()
+    del config["hash_version"]  # as written before the field existed
+    save_checkpoint({"format": "kmer-vqvae/1", "phase": "phase1a", "base_config": config,
+                     "base_model_state_dict": model.state_dict()}, str(tmp_path / "old.pt"))
+    ckpt = load_checkpoint(str(tmp_path / "old.pt"))
+    assert ckpt["base_config"]["hash_version"] == 1
+    assert KmerVQVAE(**ckpt["base_config"]).tokenizer().hash_version == 1
