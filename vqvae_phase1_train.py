@@ -58,6 +58,8 @@ class Phase1Config(CommonConfig):
     dead_code_every: int = opt(50, "steps between dead-code checks", min=1)
     shuffle_buffer: int = opt(4096, "windows in the shuffle buffer", min=1)
     train_windows: int = opt(0, "distinct training windows, cycled as epochs (0 = the whole stream)", min=0)
+    codebook_windows: int = opt(0, "unlabelled windows per step that train the codebook (EMA, k-means, restarts) "
+                                "instead of the teacher-labelled batch (0 = the batch); see README", min=0)
     health_size: int = opt(50_000, "held-out windows for codebook health (student only, no teacher)", min=1)
 
 
@@ -138,7 +140,7 @@ class CodebookUpkeep:
         # than the (teacher-limited) training pool, so the codes cover text the encoder never fit
         self.cfg, self.model, self.tok, self.stream, self.device = cfg, model, tok, stream, device
         self.recent = collections.deque(maxlen=max(1, 4096 // cfg.batch_size))
-        self.global_batch = cfg.batch_size * world
+        self.global_batch = (cfg.codebook_windows or cfg.batch_size) * world  # windows per EMA update
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.restarted = 0
 
@@ -201,8 +203,14 @@ def main(cfg: Phase1Config) -> dict:
     if cfg.compile:
         train_model = torch.compile(train_model)
     logger = tc.RunLogger(cfg, run_dir, "phase1a", rank)
-    kmeans_stream = WindowStream(lambda: docs("train", True), tok, seed=cfg.seed + 1, shuffle_buffer=cfg.shuffle_buffer)
+    # The codebook's own stream: with --codebook_windows it leaves out the teacher-labelled windows,
+    # whose encoder outputs are fitted (overfit, on a small pool) and so unlike held-out text's.
+    labelled = set(eval_windows(docs("train", False), tok, cfg.train_windows)) \
+        if cfg.codebook_windows and cfg.train_windows else set()
+    kmeans_stream = WindowStream(lambda: docs("train", True), tok, seed=cfg.seed + 1, shuffle_buffer=cfg.shuffle_buffer,
+                                 exclude=labelled)
     upkeep = CodebookUpkeep(cfg, model, tok, kmeans_stream, device, world)
+    model.quantizer.track_batch = cfg.codebook_windows == 0
     if rank == 0:
         print(f"phase 1a: {sum(p.numel() for p in model.parameters()):,} parameters, {len(held_out)} held-out "
               f"windows, teacher on {device}, data={cfg.data}")
@@ -222,7 +230,12 @@ def main(cfg: Phase1Config) -> dict:
         if "cos_q" in out:
             loss = loss + cfg.diversity_weight * out["diversity_term"]
             logs.update(cos_q=float(out["cos_q"]), commit=float(out["commit"]), diversity=float(out["diversity"]))
-        upkeep.recent.append(out["z_e"].detach().float())
+        if not cfg.codebook_windows:
+            upkeep.recent.append(out["z_e"].detach().float())
+        elif bool(model.quantizer.initialized):
+            z_u = embed_windows(model, tok, kmeans_stream.take(cfg.codebook_windows), device)
+            model.quantizer.observe(z_u)
+            upkeep.recent.append(z_u)
         return loss, logs, int(mask.sum()) * world
 
     def save(st, metrics, is_best):

@@ -10,7 +10,7 @@ starts one, ` = = Section = = ` headings become plain lines). C4 is streamed and
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 import numpy as np
 
@@ -84,9 +84,11 @@ class WindowStream:
     """
 
     def __init__(self, documents: Callable[[], Iterator[str]], tokenizer, seed: int = 0,
-                 shuffle_buffer: int = 2048, min_chars: int = 32, pool_size: int = 0):
+                 shuffle_buffer: int = 2048, min_chars: int = 32, pool_size: int = 0,
+                 exclude: Collection[str] = ()):
         self.documents, self.tok, self.min_chars = documents, tokenizer, min_chars
         self.pool_size = pool_size  # > 0: only the first pool_size windows, cycled (epochs)
+        self.exclude = exclude  # windows never handed out (e.g. the teacher-labelled training pool)
         self.rng = np.random.default_rng(seed)
         self.buffer_size, self.position = shuffle_buffer, 0
         self._it = self._windows()
@@ -96,12 +98,12 @@ class WindowStream:
             n = 0
             for doc in self.documents():
                 for w in self.tok.split_windows(doc, max_windows=0):
-                    if len(w) >= self.min_chars:
+                    if len(w) >= self.min_chars and w not in self.exclude:
                         yield w
                         n += 1
                         if n == self.pool_size:
                             break
-                if n == self.pool_size:
+                if self.pool_size and n == self.pool_size:
                     break
             if not self.pool_size or n == 0:
                 return

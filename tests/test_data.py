@@ -167,3 +167,14 @@ def test_skip_unavailable_drops_a_source_loudly(capsys):
     docs = list(itertools.islice(domain_documents("sample", "train", weights, skip_unavailable=True), 5))
     assert len(docs) == 5
     assert "skipping unavailable source 'oasst'" in capsys.readouterr().err
+
+
+def test_window_stream_skips_empty_documents_and_excluded_windows():
+    from vqvae_phase1_model import KmerTokenizer
+    from vqvae_phase1a_data_webtext import WindowStream
+    tok = KmerTokenizer(window_size=8, kmer_pool=1)
+    docs = ["short", "alpha beta gamma delta epsilon", "zeta eta theta iota kappa lambda"]
+    windows = [w for d in docs for w in tok.split_windows(d, max_windows=0) if len(w) >= 8]
+    s = WindowStream(lambda: iter(docs), tok, shuffle_buffer=1, min_chars=8, exclude={windows[0]})
+    got = s.take(100)
+    assert sorted(got) == sorted(windows[1:])  # a first document with no window does not end the stream

@@ -172,3 +172,20 @@ def test_training_forward_losses(tiny_model):
     out = tiny_model(b["input_ids"], b["attention_mask"], teacher=t, relational_weight=0.5)
     assert {"cos_q", "commit", "diversity", "relational"} <= set(out)
     out["loss"].backward()
+
+
+def test_codebook_learns_from_observed_windows_not_the_batch(tiny_model):
+    q = tiny_model.quantizer.train()
+    q.initialized.fill_(True)
+    q.track_batch = False  # Phase 1a --codebook_windows: the training batch leaves the codebook alone
+    state = {k: v.detach().clone() for k, v in q.state_dict().items()}
+    q(torch.randn(32, 32))
+    assert all(torch.equal(state[k], v) for k, v in q.state_dict().items())
+    idx = q.observe(torch.randn(64, 32))
+    assert idx.shape == (64,)
+    changed = {k for k, v in q.state_dict().items() if not torch.equal(state[k], v)}
+    assert {"codebook", "ema_count", "ema_sum", "avg_probs", "z_mean"} <= changed
+    q.set_mode("frozen")
+    state = {k: v.detach().clone() for k, v in q.state_dict().items()}
+    q.observe(torch.randn(64, 32))
+    assert all(torch.equal(state[k], v) for k, v in q.state_dict().items())

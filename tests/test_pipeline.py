@@ -107,3 +107,12 @@ def test_phase2_keeps_base_and_codebook_and_runs_seed_snippet(chain):
 def test_phase2_adapters_learn(chain):
     before, after = chain["p2"]["before"], chain["p2"]["metrics"]
     assert after["pos_similarity"] > before["pos_similarity"] or after["q2p_acc"] > before["q2p_acc"]
+
+
+def test_phase1a_codebook_from_unlabelled_windows(tmp_path, teacher_cache_dir):
+    r = p1.main(_cfg(p1, p1.Phase1Config, output=tmp_path / "p1.pt", teacher_cache=teacher_cache_dir,
+                     train_windows=64, codebook_windows=16, max_steps=20))
+    ckpt = load_checkpoint(str(tmp_path / "p1.pt"))
+    state = ckpt["base_model_state_dict"]
+    assert bool(state["quantizer.initialized"]) and ckpt["step"] == 20
+    assert r["metrics"]["utilisation"] > 0 and r["metrics"]["n"] > 0
