@@ -61,7 +61,7 @@ def webtext(src: str):
     write_jsonl(os.path.join(HERE, "webtext/c4_train.jsonl.gz"), [r for r in rows if not held_out(r["url"], 25)])
     write_jsonl(os.path.join(HERE, "webtext/c4_validation.jsonl.gz"), [r for r in rows if held_out(r["url"], 25)])
     # Wikipedia (wikimedia/wikipedia schema: id, url, title, text), pages with a body only.
-    pages, budget = [], 2_500_000
+    pages, budget = [], 7_000_000
     for path in sorted(glob.glob(os.path.join(src, "webtext/wikipedia_en/wiki_*.gz"))):
         text = gzip.open(path, "rt", encoding="utf-8").read()
         for m in re.finditer(r'<doc id="(\d+)" url="([^"]*)" title="([^"]*)">\n(.*?)</doc>', text, re.S):
