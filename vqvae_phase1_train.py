@@ -68,9 +68,12 @@ PRESETS = {
                  batch_size=16, max_steps=30, warmup_steps=5, vq_warmup_steps=10, kmeans_samples=128,
                  eval_every=10, eval_size=64, log_every=5, dead_code_every=5, shuffle_buffer=64,
                  max_tokens_total=0, health_size=64, output="runs/tiny/kmer_vqvae_phase1.pt"),
-    "demo": dict(d_model=192, n_layers=2, n_heads=4, batch_size=32, lr=1e-3, max_steps=600, warmup_steps=50,
-                 vq_warmup_steps=200, kmeans_samples=6000, eval_every=300, eval_size=500, health_size=6000,
-                 train_windows=4000, shuffle_buffer=2048, max_tokens_total=0, output="runs/demo/kmer_vqvae_phase1.pt"),
+    # demo: the bundled samples' three web-text sources; 4,000 teacher-labelled windows train the
+    # encoder and the other ~28k (unlabelled) train the codebook (README "Codebook health")
+    "demo": dict(d_model=192, n_layers=2, n_heads=4, batch_size=32, lr=1e-3, max_steps=800, warmup_steps=50,
+                 vq_warmup_steps=200, kmeans_samples=6000, eval_every=400, eval_size=500, health_size=12_000,
+                 train_windows=4000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
+                 shuffle_buffer=2048, max_tokens_total=0, output="runs/demo/kmer_vqvae_phase1.pt"),
     "full": dict(batch_size=256, max_steps=4000, warmup_steps=200, vq_warmup_steps=300, eval_every=500,
                  eval_size=50_000, output="kmer_vqvae_phase1.pt"),
 }
