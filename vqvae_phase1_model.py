@@ -87,8 +87,7 @@ _HASH_MULTIPLIERS = np.array(  # hash_version 1 (64-bit; checkpoints written bef
     dtype=np.uint64,
 )
 _HASH32_MULTIPLIERS = np.array([0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F], dtype=np.uint32)  # version 2
-_ASCII_SPACE = np.zeros(256, dtype=bool)
-_ASCII_SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True  # the ASCII characters str.isspace() accepts
+_SPACE_TABLE = bytes(32 if b in (9, 10, 11, 12, 13, 28, 29, 30, 31) else b for b in range(256))  # ASCII isspace()
 _OTHER_SPACES = ("\x85", "\u1680", "\u2028", "\u2029")  # the only non-ASCII whitespace NFKC leaves in place
 
 
@@ -104,29 +103,29 @@ def normalize_text(text: str) -> str:
 def normalize_batch(texts: list) -> list[bytes]:
     """`normalize_text(t).encode()` for every text, in a few passes over the whole batch.
 
-    The texts are joined with NUL (which NFKC, lower() and the whitespace rules all leave alone,
-    and which stops both composition and the final-sigma rule, exactly like a text boundary);
-    a batch in which a text itself holds NUL takes the one-by-one path.
+    NFKC and lower() run per text only where a text is not ASCII (ASCII is already NFKC, and
+    bytes.lower() is str.lower() on ASCII); the whitespace rules run once, in numpy, over the texts
+    joined with NUL, which no step changes and which is kept as the boundary. A batch in which a
+    text itself holds NUL takes the one-by-one path.
     """
     texts = [t if isinstance(t, str) else ("" if t is None else str(t)) for t in texts]
     joined = "\0".join(texts)
     if joined.count("\0") != len(texts) - 1:
         return [normalize_text(t).encode("utf-8") for t in texts]
-    if joined.isascii():  # ASCII is already NFKC; bytes.lower() is str.lower() on ASCII
-        data = joined.encode("ascii").lower()
-    else:
-        joined = "\0".join(t if t.isascii() else unicodedata.normalize("NFKC", t.encode("utf-8", "replace")
-                                                                       .decode("utf-8")) for t in texts).lower()
+    if not joined.isascii():
+        parts = [t if t.isascii() else unicodedata.normalize("NFKC", t.encode("utf-8", "replace").decode("utf-8"))
+                 .lower() for t in texts]
+        joined = "\0".join(parts)
         for ch in _OTHER_SPACES:
             if ch in joined:
                 joined = joined.replace(ch, " ")
-        data = joined.encode("utf-8")
-    # Whitespace runs -> one space, then no space next to a text boundary (NUL) or the ends.
+    # ASCII letters -> lower case (UTF-8 multi-byte sequences hold no ASCII bytes); whitespace -> ' '
+    data = joined.encode("utf-8").lower().translate(_SPACE_TABLE)
     a = np.frombuffer(data, dtype=np.uint8)
     if not a.size:
         return [b""] * len(texts)
-    space = _ASCII_SPACE[a]
-    a = np.where(space, np.uint8(32), a)[~(space & np.concatenate(([False], space[:-1])))]
+    space = a == 32  # runs of spaces -> one space, then no space next to a boundary (NUL) or the ends
+    a = a[~(space & np.concatenate(([False], space[:-1])))]
     edge = np.concatenate(([True], a[:-1] == 0)) | np.concatenate((a[1:] == 0, [True]))
     return a[~((a == 32) & edge)].tobytes().split(b"\0")
 
