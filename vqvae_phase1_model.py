@@ -448,8 +448,8 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor, top_n: int = 1) -> dict:
         track = self.training and self.track_batch
         with torch.autocast(device_type=z.device.type, enabled=False):
-            if self.center and track and self.mode != "frozen" and bool(self.initialized):
-                self.update_mean(z)
+            if track:
+                self._track_mean(z)
             zc = self.project(z)  # (B, cd)
             sim = self.similarity(zc)  # (B, K)
             top = sim.topk(min(top_n, self.K), dim=1).indices
@@ -460,10 +460,10 @@ class VectorQuantizer(nn.Module):
             if self.mode == "grad":
                 commit = commit + F.mse_loss(zq, zc.detach())  # codebook loss (VQ-VAE eq. 3)
             out["commit_loss"] = self.commitment_weight * commit
-            out["diversity_loss"] = self.diversity_loss(sim, update=track)
+            out["diversity_loss"] = self.diversity_loss(sim)
             out["z_q"] = zc + (zq - zc).detach() if self.mode != "grad" else zq + (zc - zc.detach())
-            if track and self.mode == "ema" and bool(self.initialized):
-                self.ema_update(zc.detach(), idx)
+            if track:
+                self._track_codes(zc.detach(), sim.detach(), idx)
         return out
 
     @torch.no_grad()
@@ -471,28 +471,39 @@ class VectorQuantizer(nn.Module):
         """Update the codebook statistics (mean, EMA, running assignment) from encoder outputs that
         are not being trained on; returns their code ids. Every rank must call it (all-reduces)."""
         z = z.float()
-        if self.center and self.mode != "frozen" and bool(self.initialized):
-            self.update_mean(z)
+        self._track_mean(z)
         zc = self.project(z)
         sim = self.similarity(zc)
         idx = sim.argmax(1)
-        if self.mode != "frozen":
-            self._update_running(sim)
-            if self.mode == "ema" and bool(self.initialized):
-                self.ema_update(zc, idx)
+        self._track_codes(zc, sim, idx)
         return idx
+
+    @torch.no_grad()
+    def _track_mean(self, z: torch.Tensor):
+        """Statistics step 1, before projecting: the running mean that centring subtracts."""
+        if self.center and self.mode != "frozen" and bool(self.initialized):
+            self.update_mean(z)
+
+    @torch.no_grad()
+    def _track_codes(self, zc: torch.Tensor, sim: torch.Tensor, idx: torch.Tensor):
+        """Statistics step 2: the running mean assignment (diversity) and the EMA codebook."""
+        if self.mode == "frozen":
+            return
+        self._update_running(sim)
+        if self.mode == "ema" and bool(self.initialized):
+            self.ema_update(zc, idx)
 
     def _logits(self, sim: torch.Tensor) -> torch.Tensor:
         return sim / self.tau if self.cosine else sim / (self.tau * sim.detach().abs().mean().clamp(min=1e-6))
 
     @torch.no_grad()
     def _update_running(self, sim: torch.Tensor):
-        p = _all_reduce_(self._logits(sim).softmax(-1).mean(0).detach().clone())
+        p = _all_reduce_(self._logits(sim).softmax(-1).mean(0))
         if dist.is_available() and dist.is_initialized():
             p /= dist.get_world_size()
         self.avg_probs.lerp_(p, 1 - self.decay)
 
-    def diversity_loss(self, sim: torch.Tensor, update: bool = True) -> torch.Tensor:
+    def diversity_loss(self, sim: torch.Tensor) -> torch.Tensor:
         """1 - H(mean soft assignment)/log K, in [0, 1], using a running (EMA) mean assignment.
 
         A batch of B examples can show at most B codes, so the value is that of the running
@@ -505,9 +516,7 @@ class VectorQuantizer(nn.Module):
         slope = (run.clamp(min=0.01 / self.K).log() + 1) / log_k  # dH/dp, bounded for unused codes
         grad_term = ((p_batch - run) * slope).sum()
         grad_term = grad_term - grad_term.detach()  # value is the running estimate's; gradient is first-order
-        if update and self.training and self.mode != "frozen":
-            self._update_running(sim)
-        return value + grad_term
+        return value + grad_term  # forward() then updates the running estimate (_track_codes)
 
     @torch.no_grad()
     def update_mean(self, z: torch.Tensor):
