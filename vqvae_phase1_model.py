@@ -410,6 +410,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_count", torch.ones(K))
         self.register_buffer("ema_sum", self.codebook.detach().clone())
         self.register_buffer("avg_probs", torch.full((K,), 1.0 / K))  # running mean soft assignment
+        # the same running mean while the codebook is frozen (Phases 1b/2): the diversity loss must
+        # see usage move, yet a frozen codebook leaves the checkpoint's state untouched: not saved
+        self.register_buffer("live_probs", torch.full((K,), 1.0 / K), persistent=False)
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("z_mean", torch.zeros(cd))  # running mean of in_proj(z_e), when centring
         self.center = cfg.center_codes
@@ -423,6 +426,8 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"codebook mode must be ema, grad or frozen, got {mode!r}")
         self.mode = mode
         self.codebook.requires_grad_(mode == "grad")
+        if mode == "frozen":
+            self.live_probs.copy_(self.avg_probs)
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
         """Encoder space -> code space (normalised for cosine distance)."""
@@ -471,6 +476,8 @@ class VectorQuantizer(nn.Module):
         """Update the codebook statistics (mean, EMA, running assignment) from encoder outputs that
         are not being trained on; returns their code ids. Every rank must call it (all-reduces)."""
         z = z.float()
+        if z.shape[0] == 0:  # nothing to learn from (an empty mean would put NaN in the statistics)
+            return torch.zeros(0, dtype=torch.long, device=z.device)
         self._track_mean(z)
         zc = self.project(z)
         sim = self.similarity(zc)
@@ -488,8 +495,9 @@ class VectorQuantizer(nn.Module):
     def _track_codes(self, zc: torch.Tensor, sim: torch.Tensor, idx: torch.Tensor):
         """Statistics step 2: the running mean assignment (diversity) and the EMA codebook."""
         if self.mode == "frozen":
+            self._update_running(sim, self.live_probs)
             return
-        self._update_running(sim)
+        self._update_running(sim, self.avg_probs)
         if self.mode == "ema" and bool(self.initialized):
             self.ema_update(zc, idx)
 
@@ -497,11 +505,11 @@ class VectorQuantizer(nn.Module):
         return sim / self.tau if self.cosine else sim / (self.tau * sim.detach().abs().mean().clamp(min=1e-6))
 
     @torch.no_grad()
-    def _update_running(self, sim: torch.Tensor):
+    def _update_running(self, sim: torch.Tensor, running: torch.Tensor):
         p = _all_reduce_(self._logits(sim).softmax(-1).mean(0))
         if dist.is_available() and dist.is_initialized():
             p /= dist.get_world_size()
-        self.avg_probs.lerp_(p, 1 - self.decay)
+        running.lerp_(p, 1 - self.decay)
 
     def diversity_loss(self, sim: torch.Tensor) -> torch.Tensor:
         """1 - H(mean soft assignment)/log K, in [0, 1], using a running (EMA) mean assignment.
@@ -510,7 +518,7 @@ class VectorQuantizer(nn.Module):
         estimate and the gradient is its first-order term through the current batch.
         """
         p_batch = self._logits(sim).softmax(-1).mean(0)  # (K,)
-        run = self.avg_probs.clamp(min=1e-12)
+        run = (self.live_probs if self.mode == "frozen" else self.avg_probs).clamp(min=1e-12)
         log_k = math.log(self.K)
         value = 1 + (run * run.log()).sum() / log_k
         slope = (run.clamp(min=0.01 / self.K).log() + 1) / log_k  # dH/dp, bounded for unused codes

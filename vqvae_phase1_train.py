@@ -121,15 +121,17 @@ def evaluate_distillation(model, tok, windows, targets, device, health_windows=(
         cos_e.append(F.cosine_similarity(out["decoded_e"].float(), t, dim=-1))
         idx.append(out["indices"].cpu())
     indices = torch.cat(idx)
-    if len(health_windows) > len(windows):
+    initialized = bool(model.quantizer.initialized)
+    if initialized and len(health_windows) > len(windows):
         indices = model.quantizer(embed_windows(model, tok, list(health_windows), device))["indices"].cpu()
     model.train(was)
     t = targets.float()
     baseline = F.cosine_similarity(t, F.normalize(t.mean(0), dim=0)[None], dim=-1).mean()
     m = {"cos_q": float(torch.cat(cos_q).mean()), "cos_e": float(torch.cat(cos_e).mean()),
-         "cos_mean_baseline": float(baseline), "initialized": bool(model.quantizer.initialized)}
-    if not m["initialized"]:
-        m["cos_q"] = 0.0  # before k-means the codebook is random: report nothing misleading
+         "cos_mean_baseline": float(baseline), "initialized": initialized}
+    if not initialized:  # before k-means the codebook is random: no quantised or health numbers
+        m["cos_q"] = 0.0
+        return m
     m.update(codebook_health(indices, model.config.num_codes))
     m["_code_usage"] = torch.bincount(indices, minlength=model.config.num_codes).tolist()
     return m

@@ -46,14 +46,16 @@ class Phase1bConfig(CommonConfig):
     relational_weight: float = opt(0.0, "in-batch similarity-matrix loss weight", min=0)
     train_windows: int = opt(0, "distinct training windows, cycled (0 = the whole stream)", min=0)
     shuffle_buffer: int = opt(4096, "windows in the shuffle buffer", min=1)
+    health_size: int = opt(20_000, "held-out windows (each of domain and web text) for codebook health; "
+                           "student only, no teacher", min=1)
 
 
 PRESETS = {
     "tiny": dict(batch_size=16, max_steps=12, warmup_steps=2, eval_every=6, eval_size=48, log_every=3,
-                 shuffle_buffer=64, phase1a_checkpoint="runs/tiny/kmer_vqvae_phase1.pt",
+                 health_size=96, shuffle_buffer=64, phase1a_checkpoint="runs/tiny/kmer_vqvae_phase1.pt",
                  output="runs/tiny/kmer_vqvae_phase1b_lora.pt"),
     "demo": dict(batch_size=32, lr=1e-3, max_steps=200, warmup_steps=20, eval_every=100, eval_size=400,
-                 train_windows=1600, shuffle_buffer=1024, phase1a_checkpoint="runs/demo/kmer_vqvae_phase1.pt",
+                 health_size=5000, train_windows=1600, shuffle_buffer=1024, phase1a_checkpoint="runs/demo/kmer_vqvae_phase1.pt",
                  output="runs/demo/kmer_vqvae_phase1b_lora.pt"),
     "full": dict(batch_size=256, lr=1e-4, max_steps=3000, warmup_steps=100, eval_every=500, eval_size=20_000,
                  output="kmer_vqvae_phase1b_lora.pt"),
@@ -90,10 +92,12 @@ def main(cfg: Phase1bConfig) -> dict:
         teacher = Teacher.load(cfg.teacher, str(device), cfg.teacher_cache or None, cfg.teacher_batch_size)
     except TeacherError as e:
         raise UserError(str(e)) from None
-    domain_eval = eval_windows(docs("validation", False), tok, cfg.eval_size)
+    n_eval = max(cfg.eval_size, cfg.health_size)
+    domain_health = eval_windows(docs("validation", False), tok, n_eval)
     web_weights = parse_weights(cfg.web_sources, WEBTEXT_SOURCES)
-    web_eval = eval_windows(webtext_documents(cfg.data, "validation", web_weights, files, cycle=False), tok,
-                            cfg.eval_size)
+    web_health = eval_windows(webtext_documents(cfg.data, "validation", web_weights, files, cycle=False), tok,
+                              n_eval)
+    domain_eval, web_eval = domain_health[:cfg.eval_size], web_health[:cfg.eval_size]
     if not domain_eval or not web_eval:
         raise UserError("no held-out windows for the domain or web-text eval: check the validation files")
     domain_t, web_t = teacher.embed(domain_eval), teacher.embed(web_eval)
@@ -101,8 +105,8 @@ def main(cfg: Phase1bConfig) -> dict:
                           shuffle_buffer=cfg.shuffle_buffer, pool_size=cfg.train_windows)
 
     def evaluate():
-        d = evaluate_distillation(model, tok, domain_eval, domain_t, device)
-        w = evaluate_distillation(model, tok, web_eval, web_t, device)
+        d = evaluate_distillation(model, tok, domain_eval, domain_t, device, domain_health)
+        w = evaluate_distillation(model, tok, web_eval, web_t, device, web_health)
         out = {f"domain_{k}": v for k, v in d.items() if not k.startswith("_")}
         out.update({f"web_{k}": v for k, v in w.items() if not k.startswith("_")})
         out["_code_usage"] = d["_code_usage"]

@@ -185,7 +185,41 @@ def test_codebook_learns_from_observed_windows_not_the_batch(tiny_model):
     assert idx.shape == (64,)
     changed = {k for k, v in q.state_dict().items() if not torch.equal(state[k], v)}
     assert {"codebook", "ema_count", "ema_sum", "avg_probs", "z_mean"} <= changed
+    state = {k: v.detach().clone() for k, v in q.state_dict().items()}
+    assert q.observe(torch.randn(0, 32)).shape == (0,)  # an empty batch changes nothing (no NaN mean)
+    assert all(torch.equal(state[k], v) for k, v in q.state_dict().items())
     q.set_mode("frozen")
     state = {k: v.detach().clone() for k, v in q.state_dict().items()}
     q.observe(torch.randn(64, 32))
     assert all(torch.equal(state[k], v) for k, v in q.state_dict().items())
+
+
+def test_eval_before_kmeans_init_reports_no_codebook_health(tiny_model):
+    from vqvae_phase1_train import evaluate_distillation
+    tok = tiny_model.tokenizer()
+    windows = [f"window number {i} of some text" for i in range(8)]
+    targets = torch.randn(8, tiny_model.config.teacher_dim)
+    m = evaluate_distillation(tiny_model, tok, windows, targets, torch.device("cpu"))
+    assert not m["initialized"] and m["cos_q"] == 0.0  # a random codebook's numbers would mislead
+    assert not {"perplexity", "utilisation", "_code_usage"} & set(m)
+    tiny_model.quantizer.initialized.fill_(True)
+    m = evaluate_distillation(tiny_model, tok, windows, targets, torch.device("cpu"))
+    assert {"perplexity", "utilisation", "dead_codes", "_code_usage"} <= set(m) and m["n"] == 8
+
+
+def test_frozen_codebook_diversity_sees_usage_move_without_changing_state():
+    cfg = KmerVQVAEConfig(d_model=8, num_codes=16, center_codes=False)
+    q = VectorQuantizer(cfg).train()
+    q.initialized.fill_(True)
+    q.set_mode("frozen")
+    state = {k: v.detach().clone() for k, v in q.state_dict().items()}
+    assert "live_probs" not in state
+    z = q.codebook.detach()[0].repeat(64, 1)  # every window on code 0: a collapse
+    first = float(q(z)["diversity_loss"])
+    for _ in range(200):
+        q(z)
+    assert float(q(z)["diversity_loss"]) > first + 0.1  # the loss now sees the collapse
+    assert all(torch.equal(state[k], v) for k, v in q.state_dict().items())  # checkpoint state untouched
+    q.set_mode("ema")
+    assert float(q(z)["diversity_loss"]) == pytest.approx(first, abs=1e-6)  # back on the saved estimate
+
