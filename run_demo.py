@@ -70,6 +70,12 @@ def summary(r1, r1b, r2, ev, minutes) -> str:
         f"{m1['perplexity']:.0f} / {m1['utilisation']:.1%} / {m1['dead_codes']} |",
         f"| 1b | domain cosine (q) before -> after | {b1b['domain_cos_q']:.3f} -> {m1b['domain_cos_q']:.3f} |",
         f"| 1b | web cosine (q) before -> after | {b1b['web_cos_q']:.3f} -> {m1b['web_cos_q']:.3f} |",
+        f"| 1b | domain code perplexity / utilisation before -> after ({m1b['domain_n']} windows) | "
+        f"{b1b['domain_perplexity']:.0f} / {b1b['domain_utilisation']:.1%} -> "
+        f"{m1b['domain_perplexity']:.0f} / {m1b['domain_utilisation']:.1%} |",
+        f"| 1b | web code perplexity / utilisation before -> after ({m1b['web_n']} windows) | "
+        f"{b1b['web_perplexity']:.0f} / {b1b['web_utilisation']:.1%} -> "
+        f"{m1b['web_perplexity']:.0f} / {m1b['web_utilisation']:.1%} |",
         f"| 1b | LoRA parameters / share of total | {r1b['trainable_params']:,} / "
         f"{r1b['trainable_params'] / r1b['total_params']:.2%} |",
         f"| 2 | q2p / p2q accuracy (eval batch {m2['eval_batch_size']}) | {m2['q2p_acc']:.3f} / {m2['p2q_acc']:.3f} |",

@@ -35,6 +35,7 @@ class Phase1bConfig(CommonConfig):
     domain_weights: str = opt("academic=0.5,conversational=0.5", "weight of each domain in the mix")
     skip_unavailable: bool = opt(False, "skip (loudly) sources that cannot load instead of stopping")
     web_sources: str = opt("wikitext=0.5,c4=0.5", "web-text sources for the forgetting eval")
+    lr: float = opt(1e-4, "peak LoRA learning rate", gt=0)
     lora_rank: int = opt(8, "LoRA rank", min=1)
     lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank)", gt=0)
     lora_dropout: float = opt(0.05, "dropout on the LoRA branch", min=0, max=1)
@@ -54,7 +55,7 @@ PRESETS = {
     "tiny": dict(batch_size=16, max_steps=12, warmup_steps=2, eval_every=6, eval_size=48, log_every=3,
                  health_size=96, shuffle_buffer=64, phase1a_checkpoint="runs/tiny/kmer_vqvae_phase1.pt",
                  output="runs/tiny/kmer_vqvae_phase1b_lora.pt"),
-    "demo": dict(batch_size=32, lr=1e-3, max_steps=200, warmup_steps=20, eval_every=100, eval_size=400,
+    "demo": dict(batch_size=32, lr=1e-4, max_steps=200, warmup_steps=20, eval_every=100, eval_size=400,
                  health_size=5000, train_windows=1600, shuffle_buffer=1024, phase1a_checkpoint="runs/demo/kmer_vqvae_phase1.pt",
                  output="runs/demo/kmer_vqvae_phase1b_lora.pt"),
     "full": dict(batch_size=256, lr=1e-4, max_steps=3000, warmup_steps=100, eval_every=500, eval_size=20_000,
