@@ -67,6 +67,8 @@ def test_phase1b_merged_equals_unmerged_and_base_untouched(chain):
     d = chain["dir"]
     c1, c1b = load_checkpoint(str(d / "p1.pt")), load_checkpoint(str(d / "p1b.pt"), phases=("phase1b",))
     assert c1b["parent_checkpoint"]["sha256"] and c1b["lora_config"]["rank"] == 8
+    m = c1b["metrics"]  # health on --health_size windows (96 in tiny), cosine on --eval_size (48)
+    assert m["domain_n"] == m["web_n"] == 96 and m["before"]["domain_n"] == 96
     merged = model_from_checkpoint(c1b).eval()
     unmerged = model_from_checkpoint(c1)
     inject_lora(unmerged, rank=8, alpha=16, dropout=0.05)
