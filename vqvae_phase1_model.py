@@ -722,8 +722,10 @@ def save_checkpoint(obj: dict, path: str) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str, phases: tuple[str, ...] | None = None, map_location="cpu") -> dict:
-    """torch.load(weights_only=True) with one-line errors; `phases` = accepted phases."""
+def load_checkpoint(path: str, phases: tuple[str, ...] | None = None, map_location="cpu",
+                    need_codebook: bool = False) -> dict:
+    """torch.load(weights_only=True) with one-line errors; `phases` = accepted phases;
+    need_codebook: refuse a checkpoint saved before its k-means codebook init (later phases)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path} (check the path, or train the earlier phase first)")
     try:
@@ -742,6 +744,10 @@ def load_checkpoint(path: str, phases: tuple[str, ...] | None = None, map_locati
                               f"{' or '.join(phases)}")
     if isinstance(ckpt.get("base_config"), dict):  # written before hash_version existed: the 64-bit hash
         ckpt["base_config"].setdefault("hash_version", 1)
+    init = ckpt.get("base_model_state_dict", {}).get("quantizer.initialized")
+    if need_codebook and init is not None and not bool(init):
+        raise CheckpointError(f"{path} was saved at step {ckpt.get('step')}, before its codebook's k-means init "
+                              f"(after --vq_warmup_steps): train Phase 1a longer, then use its checkpoint")
     return ckpt
 
 

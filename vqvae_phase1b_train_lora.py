@@ -56,8 +56,8 @@ PRESETS = {
                  health_size=96, shuffle_buffer=64, phase1a_checkpoint="runs/tiny/kmer_vqvae_phase1.pt",
                  output="runs/tiny/kmer_vqvae_phase1b_lora.pt"),
     "demo": dict(batch_size=32, lr=1e-4, max_steps=200, warmup_steps=20, eval_every=100, eval_size=400,
-                 health_size=5000, train_windows=1600, shuffle_buffer=1024, phase1a_checkpoint="runs/demo/kmer_vqvae_phase1.pt",
-                 output="runs/demo/kmer_vqvae_phase1b_lora.pt"),
+                 health_size=5000, train_windows=1600, shuffle_buffer=1024,
+                 phase1a_checkpoint="runs/demo/kmer_vqvae_phase1.pt", output="runs/demo/kmer_vqvae_phase1b_lora.pt"),
     "full": dict(batch_size=256, lr=1e-4, max_steps=3000, warmup_steps=100, eval_every=500, eval_size=20_000,
                  output="kmer_vqvae_phase1b_lora.pt"),
 }
@@ -74,7 +74,7 @@ def build_model(cfg, parent: dict, device):
 def main(cfg: Phase1bConfig) -> dict:
     # 1. parent checkpoint, ranks, data
     rank, world, device, out_path, best_path, run_dir = tc.start_run(cfg, "kmer_vqvae_phase1b_lora.pt")
-    parent = load_checkpoint(cfg.phase1a_checkpoint, phases=("phase1a",))
+    parent = load_checkpoint(cfg.phase1a_checkpoint, phases=("phase1a",), need_codebook=True)
     parent_rec = tc.parent_record(cfg.phase1a_checkpoint)
     source_weights = parse_weights(cfg.sources or (HUB_DEFAULT if cfg.data == "hub" else SAMPLE_DEFAULT),
                                    DOMAIN_SOURCES)

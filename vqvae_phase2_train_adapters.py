@@ -118,7 +118,7 @@ def evaluate_pairs(model, adapters, enc: FrozenEncoder, pairs, bs: int, teacher_
 def main(cfg: Phase2Config) -> dict:
     # 1. parent checkpoint (1a or 1b), frozen base
     rank, world, device, out_path, best_path, run_dir = tc.start_run(cfg, "kmer_vqvae_phase2_aligned.pt")
-    parent = load_checkpoint(cfg.checkpoint, phases=("phase1a", "phase1b"))
+    parent = load_checkpoint(cfg.checkpoint, phases=("phase1a", "phase1b"), need_codebook=True)
     model = model_from_checkpoint(parent).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -78,6 +78,12 @@ def test_missing_truncated_garbage_foreign_and_wrong_phase(tiny_model, tmp_path)
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(good, phases=("phase1b",))
     assert "phase1a checkpoint" in _one_line(e)
+    with pytest.raises(CheckpointError) as e:  # tiny_model's codebook was never initialised
+        load_checkpoint(good, need_codebook=True)
+    assert "before its codebook's k-means init" in _one_line(e)
+    tiny_model.quantizer.initialized.fill_(True)
+    save_checkpoint(_ckpt(tiny_model), good)
+    assert load_checkpoint(good, need_codebook=True)["phase"] == "phase1a"
 
 
 class _Evil:
