@@ -345,6 +345,14 @@ def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _all_mean_(t: torch.Tensor) -> torch.Tensor:
+    """In place: the mean of `t` over ranks (a no-op in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
 def _broadcast_(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.broadcast(t, src=0)
@@ -465,10 +473,11 @@ class VectorQuantizer(nn.Module):
             if self.mode == "grad":
                 commit = commit + F.mse_loss(zq, zc.detach())  # codebook loss (VQ-VAE eq. 3)
             out["commit_loss"] = self.commitment_weight * commit
-            out["diversity_loss"] = self.diversity_loss(sim)
+            p_batch = self._logits(sim).softmax(-1).mean(0)  # (K,) mean soft assignment
+            out["diversity_loss"] = self.diversity_loss(p_batch)
             out["z_q"] = zc + (zq - zc).detach() if self.mode != "grad" else zq + (zc - zc.detach())
             if track:
-                self._track_codes(zc.detach(), sim.detach(), idx)
+                self._track_codes(zc.detach(), p_batch.detach(), idx)
         return out
 
     @torch.no_grad()
@@ -482,7 +491,7 @@ class VectorQuantizer(nn.Module):
         zc = self.project(z)
         sim = self.similarity(zc)
         idx = sim.argmax(1)
-        self._track_codes(zc, sim, idx)
+        self._track_codes(zc, self._logits(sim).softmax(-1).mean(0), idx)
         return idx
 
     @torch.no_grad()
@@ -492,33 +501,27 @@ class VectorQuantizer(nn.Module):
             self.update_mean(z)
 
     @torch.no_grad()
-    def _track_codes(self, zc: torch.Tensor, sim: torch.Tensor, idx: torch.Tensor):
+    def _track_codes(self, zc: torch.Tensor, p_batch: torch.Tensor, idx: torch.Tensor):
         """Statistics step 2: the running mean assignment (diversity) and the EMA codebook."""
-        if self.mode == "frozen":
-            self._update_running(sim, self.live_probs)
-            return
-        self._update_running(sim, self.avg_probs)
+        self._usage().lerp_(_all_mean_(p_batch.clone()), 1 - self.decay)
         if self.mode == "ema" and bool(self.initialized):
             self.ema_update(zc, idx)
+
+    def _usage(self) -> torch.Tensor:
+        """The running mean assignment the diversity loss reads and the statistics update."""
+        return self.live_probs if self.mode == "frozen" else self.avg_probs
 
     def _logits(self, sim: torch.Tensor) -> torch.Tensor:
         return sim / self.tau if self.cosine else sim / (self.tau * sim.detach().abs().mean().clamp(min=1e-6))
 
-    @torch.no_grad()
-    def _update_running(self, sim: torch.Tensor, running: torch.Tensor):
-        p = _all_reduce_(self._logits(sim).softmax(-1).mean(0))
-        if dist.is_available() and dist.is_initialized():
-            p /= dist.get_world_size()
-        running.lerp_(p, 1 - self.decay)
-
-    def diversity_loss(self, sim: torch.Tensor) -> torch.Tensor:
+    def diversity_loss(self, p_batch: torch.Tensor) -> torch.Tensor:
         """1 - H(mean soft assignment)/log K, in [0, 1], using a running (EMA) mean assignment.
 
-        A batch of B examples can show at most B codes, so the value is that of the running
-        estimate and the gradient is its first-order term through the current batch.
+        p_batch: this batch's mean soft assignment (K,). A batch of B examples can show at most B
+        codes, so the value is that of the running estimate and the gradient is its first-order
+        term through the current batch.
         """
-        p_batch = self._logits(sim).softmax(-1).mean(0)  # (K,)
-        run = (self.live_probs if self.mode == "frozen" else self.avg_probs).clamp(min=1e-12)
+        run = self._usage().clamp(min=1e-12)
         log_k = math.log(self.K)
         value = 1 + (run * run.log()).sum() / log_k
         slope = (run.clamp(min=0.01 / self.K).log() + 1) / log_k  # dH/dp, bounded for unused codes
@@ -529,10 +532,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def update_mean(self, z: torch.Tensor):
         """EMA of the batch mean of in_proj(z): the common direction that cosine codes must ignore."""
-        m = _all_reduce_(self.in_proj(z.detach().float()).mean(0))
-        if dist.is_available() and dist.is_initialized():
-            m /= dist.get_world_size()
-        self.z_mean.lerp_(m, 1 - self.decay)
+        self.z_mean.lerp_(_all_mean_(self.in_proj(z.detach().float()).mean(0)), 1 - self.decay)
 
     @torch.no_grad()
     def ema_update(self, zc: torch.Tensor, idx: torch.Tensor):

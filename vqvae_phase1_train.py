@@ -106,7 +106,8 @@ def embed_windows(model, tok, windows, device, batch_size=256) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_distillation(model, tok, windows, targets, device, health_windows=(), batch_size=256) -> dict:
     """Teacher cosine on both paths, the mean-embedding baseline, and codebook health (on
-    `health_windows` when given: health needs no teacher, so it can use many more windows)."""
+    `health_windows` when given: health needs no teacher, so it can use many more windows; when
+    they start with `windows`, as the phase scripts' do, those are not encoded a second time)."""
     was = model.training
     model.eval()
     cos_q, cos_e, idx = [], [], []
@@ -123,7 +124,10 @@ def evaluate_distillation(model, tok, windows, targets, device, health_windows=(
     indices = torch.cat(idx)
     initialized = bool(model.quantizer.initialized)
     if initialized and len(health_windows) > len(windows):
-        indices = model.quantizer(embed_windows(model, tok, list(health_windows), device))["indices"].cpu()
+        health_windows = list(health_windows)
+        known = len(windows) if health_windows[:len(windows)] == list(windows) else 0
+        rest = model.quantizer(embed_windows(model, tok, health_windows[known:], device))["indices"].cpu()
+        indices = torch.cat([indices[:known], rest])
     model.train(was)
     t = targets.float()
     baseline = F.cosine_similarity(t, F.normalize(t.mean(0), dim=0)[None], dim=-1).mean()

@@ -205,6 +205,12 @@ def test_eval_before_kmeans_init_reports_no_codebook_health(tiny_model):
     tiny_model.quantizer.initialized.fill_(True)
     m = evaluate_distillation(tiny_model, tok, windows, targets, torch.device("cpu"))
     assert {"perplexity", "utilisation", "dead_codes", "_code_usage"} <= set(m) and m["n"] == 8
+    from vqvae_phase1_train import embed_windows  # health on a longer list that starts with `windows`
+    more = windows + [f"another held-out window, number {i}" for i in range(8)]
+    m = evaluate_distillation(tiny_model, tok, windows, targets, torch.device("cpu"), more)
+    tiny_model.eval()
+    direct = tiny_model.quantizer(embed_windows(tiny_model, tok, more, torch.device("cpu")))["indices"]
+    assert m["n"] == 16 and m["_code_usage"] == torch.bincount(direct, minlength=16).tolist()
 
 
 def test_frozen_codebook_diversity_sees_usage_move_without_changing_state():
