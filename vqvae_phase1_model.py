@@ -461,8 +461,8 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor, top_n: int = 1) -> dict:
         track = self.training and self.track_batch
         with torch.autocast(device_type=z.device.type, enabled=False):
-            if track:
-                self._track_mean(z)
+            if track or (self.training and not bool(self.initialized)):
+                self._track_mean(z)  # before the k-means init the training batches set the mean
             zc = self.project(z)  # (B, cd)
             sim = self.similarity(zc)  # (B, K)
             top = sim.topk(min(top_n, self.K), dim=1).indices
@@ -496,8 +496,10 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _track_mean(self, z: torch.Tensor):
-        """Statistics step 1, before projecting: the running mean that centring subtracts."""
-        if self.center and self.mode != "frozen" and bool(self.initialized):
+        """Statistics step 1, before projecting: the running mean that centring subtracts. It is
+        tracked from the first training step, so the decoder's input does not jump at the k-means
+        init (it did when the mean was first set there: README "Codebook health")."""
+        if self.center and self.mode != "frozen":
             self.update_mean(z)
 
     @torch.no_grad()
@@ -531,8 +533,13 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def update_mean(self, z: torch.Tensor):
-        """EMA of the batch mean of in_proj(z): the common direction that cosine codes must ignore."""
-        self.z_mean.lerp_(_all_mean_(self.in_proj(z.detach().float()).mean(0)), 1 - self.decay)
+        """EMA of the batch mean of in_proj(z): the common direction that cosine codes must ignore.
+        The first batch sets it (an all-zero mean means "not started": a lerp from zero would lag)."""
+        batch_mean = _all_mean_(self.in_proj(z.detach().float()).mean(0))
+        if bool(self.z_mean.any()):
+            self.z_mean.lerp_(batch_mean, 1 - self.decay)
+        else:
+            self.z_mean.copy_(batch_mean)
 
     @torch.no_grad()
     def ema_update(self, zc: torch.Tensor, idx: torch.Tensor):
@@ -549,7 +556,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def init_from_samples(self, z: torch.Tensor, batch_size: int, iters: int = 20, seed: int = 0):
         """k-means initialisation on encoder outputs (rank 0 decides, all ranks receive)."""
-        if self.center:
+        if self.center and not bool(self.z_mean.any()):  # no training step tracked it yet
             self.z_mean.copy_(self.in_proj(z.float()).mean(0))
         zc = self.project(z)
         centroids, counts = spherical_kmeans(zc, self.K, iters=iters, seed=seed, cosine=self.cosine)
