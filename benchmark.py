@@ -58,8 +58,9 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
-def train_step_rate(model, params, step, batch, device, repeats) -> tuple[float, float]:
-    """k-mers/s of one phase's training step shape, and peak memory after it."""
+def train_step_rate(model, params, step, batch, device, repeats, after=None) -> tuple[float, float]:
+    """k-mers/s of one phase's training step shape (plus `after()`, run after the optimizer step),
+    and peak memory after it."""
     opt = torch.optim.AdamW(params, lr=1e-4)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -70,6 +71,8 @@ def train_step_rate(model, params, step, batch, device, repeats) -> tuple[float,
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after is not None:
+            after()
     sec = timed(run, repeats)
     return int(batch["attention_mask"].sum()) / sec, peak_memory_mb(device)
 
@@ -118,6 +121,19 @@ def main():
     rate, mem = train_step_rate(m1, list(m1.parameters()), lambda: m1(ids, mask, teacher=target)["loss"], b, device,
                                 args.repeats)
     train = [("phase 1a (full model)", rate, mem)]
+    # what vqvae_phase1_train.py does by default after each step: update the weight average, then
+    # feed the codebook the batch encoded by the averaged weights (--weight_average, README)
+    avg = tc.WeightAverage(m1, 0.98)
+    m1.quantizer.track_batch = False
+
+    def codebook_pass():
+        avg.update()
+        with avg.applied(), torch.no_grad(), tc.autocast(device):
+            m1.quantizer.observe(m1.encode_windows(ids, mask).float())
+    rate, mem = train_step_rate(m1, list(m1.parameters()), lambda: m1(ids, mask, teacher=target)["loss"], b, device,
+                                args.repeats, after=codebook_pass)
+    train.append(("phase 1a + weight average and codebook pass (script default)", rate, mem))
+    m1.quantizer.track_batch = True
     inject_lora(m1, rank=8, alpha=16)
     m1.quantizer.set_mode("frozen")
     rate, mem = train_step_rate(m1, [p for p in m1.parameters() if p.requires_grad],

@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
                                                    "kmer_vqvae_phase2_aligned.pt"))
     extra = QUICK if args.quick else {"p1": [], "p1b": [], "p2": []}
 
-    print("== Phase 1a: distil the teacher through the 1024-code bottleneck (web text)", flush=True)
+    print("== Phase 1a: distil the teacher through a vector-quantised bottleneck (web text)", flush=True)
     r1 = p1.main(parse_config(p1.Phase1Config, p1.PRESETS,
                               ["--preset", "demo", "--output", ck1, *common, *extra["p1"]]))
     print("== Phase 1b: LoRA on Q,V for academic + conversational text", flush=True)
@@ -60,6 +60,7 @@ def main(argv=None) -> dict:
 
 def summary(r1, r1b, r2, ev, minutes) -> str:
     m1, m1b, m2 = r1["metrics"], r1b["metrics"], r2["metrics"]
+    h1 = r1.get("health", [])
     b1b = r1b["before"]
     rk, ri = ev["methods"]["kmer_vqvae"]["recall_at_fraction"], ev["methods"]["ivf_teacher"]["recall_at_fraction"]
     lines = [
@@ -69,6 +70,8 @@ def summary(r1, r1b, r2, ev, minutes) -> str:
         f"| 1a | mean-embedding baseline cosine | {m1['cos_mean_baseline']:.3f} |",
         f"| 1a | code perplexity / utilisation / dead ({m1['n']} held-out windows) | "
         f"{m1['perplexity']:.0f} / {m1['utilisation']:.1%} / {m1['dead_codes']} |",
+        f"| 1a | lowest perplexity / utilisation over its {len(h1)} evals after the k-means init | "
+        + (f"{min(h[1] for h in h1):.0f} / {min(h[2] for h in h1):.1%} |" if h1 else "none |"),
         f"| 1b | domain cosine (q) before -> after | {b1b['domain_cos_q']:.3f} -> {m1b['domain_cos_q']:.3f} |",
         f"| 1b | web cosine (q) before -> after | {b1b['web_cos_q']:.3f} -> {m1b['web_cos_q']:.3f} |",
         f"| 1b | domain code perplexity / utilisation before -> after ({m1b['domain_n']} windows) | "

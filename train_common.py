@@ -292,6 +292,62 @@ def output_paths(cfg, default_output: str) -> tuple[str, str, str]:
     return out, stem + "_best.pt", cfg.run_dir or stem + "_run"
 
 
+class WeightAverage:
+    """Exponential running average of a model's trainable weights (Polyak averaging).
+
+    `update()` after each optimizer step; `applied()` swaps the averaged weights into the model for
+    a block (encoding, eval, saving) and puts the live ones back, also on error. The average is
+    bias-corrected: after t updates it weighs the weights after each of them by decay^(t - s), and
+    not the initial weights at all (so a short run's average is of what it trained). decay 0 turns
+    it off: the average is then the live weights and `applied()` does nothing.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0 <= decay < 1:
+            raise ValueError(f"weight-average decay must be in [0, 1), got {decay}")
+        self.decay, self.updates = decay, 0
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.avg = [p.detach().clone() for p in self.params] if decay > 0 else []
+
+    @torch.no_grad()
+    def update(self):
+        if not self.decay:
+            return
+        self.updates += 1
+        t, d = self.updates, self.decay  # d_t = d (1 - d^(t-1)) / (1 - d^t): the bias-corrected lerp
+        d = d * (1 - d ** (t - 1)) / (1 - d ** t)
+        torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], 1 - d)
+
+    @contextlib.contextmanager
+    def applied(self):
+        if not self.decay:
+            yield
+            return
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in self.params], self.avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in self.params], live)
+
+    def live_state(self) -> dict:
+        """The live weights by name: what a resumed run trains on (the model's state dict, saved
+        inside `applied()`, holds the average)."""
+        return {n: p.detach().clone() for n, p in zip(self.names, self.params)}
+
+    def load_live_state(self, live: dict, updates: int):
+        """Resume: the model already holds the saved average; put the live weights back in."""
+        if not self.decay:
+            return
+        self.updates = updates
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params):
+                p.copy_(live[n])
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 

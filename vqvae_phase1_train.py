@@ -61,6 +61,9 @@ class Phase1Config(CommonConfig):
     codebook_windows: int = opt(0, "unlabelled windows per step that train the codebook (EMA, k-means, restarts) "
                                 "instead of the teacher-labelled batch (0 = the batch); see README", min=0)
     health_size: int = opt(50_000, "held-out windows for codebook health (student only, no teacher)", min=1)
+    weight_average: float = opt(0.98, "decay of the running average of the weights that trains the codebook and is "
+                                "evaluated and saved as the model (0 = off, the live weights); see README", min=0,
+                                max=0.9999)
 
 
 PRESETS = {
@@ -69,9 +72,12 @@ PRESETS = {
                  eval_every=10, eval_size=64, log_every=5, dead_code_every=5, shuffle_buffer=64,
                  max_tokens_total=0, health_size=64, output="runs/tiny/kmer_vqvae_phase1.pt"),
     # demo: the bundled samples' three web-text sources; 4,000 teacher-labelled windows train the
-    # encoder and the other ~28k (unlabelled) train the codebook (README "Codebook health")
-    "demo": dict(d_model=192, n_layers=2, n_heads=4, batch_size=32, lr=1e-3, max_steps=800, warmup_steps=50,
-                 vq_warmup_steps=200, kmeans_samples=6000, eval_every=400, eval_size=500, health_size=12_000,
+    # encoder and the other ~28k (unlabelled) train the codebook (README "Codebook health"). 256
+    # codes: 64 codebook windows a step then reach each code as often as full's 256 windows reach
+    # 1,024 (README "Keeping the codebook healthy after the k-means init")
+    "demo": dict(d_model=192, n_layers=2, n_heads=4, num_codes=256, batch_size=32, lr=5e-4, max_steps=800,
+                 warmup_steps=50, vq_warmup_steps=200, kmeans_samples=6000, eval_every=200, eval_size=500,
+                 health_size=12_000,
                  train_windows=4000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
                  shuffle_buffer=2048, max_tokens_total=0, output="runs/demo/kmer_vqvae_phase1.pt"),
     "full": dict(batch_size=256, max_steps=4000, warmup_steps=200, vq_warmup_steps=300, eval_every=500,
@@ -142,19 +148,40 @@ def evaluate_distillation(model, tok, windows, targets, device, health_windows=(
 
 
 class CodebookUpkeep:
-    """After each step: k-means init at the end of warm-up, then dead-code restarts."""
+    """After each step: update the weight average; then, with the averaged weights applied, the
+    codebook statistics (unless the training forward keeps them), the k-means init at the end of
+    warm-up, and dead-code restarts."""
 
-    def __init__(self, cfg, model, tok, stream, device, world):
+    def __init__(self, cfg, model, tok, stream, device, world, average: tc.WeightAverage):
         # stream: windows for k-means; without teacher work it can be the whole train stream, wider
         # than the (teacher-limited) training pool, so the codes cover text the encoder never fit
         self.cfg, self.model, self.tok, self.stream, self.device = cfg, model, tok, stream, device
+        self.average = average
         self.recent = collections.deque(maxlen=max(1, 4096 // cfg.batch_size))
         self.global_batch = (cfg.codebook_windows or cfg.batch_size) * world  # windows per EMA update
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.restarted = 0
+        self.batch_windows: list[str] = []  # the step's training windows (when they train the codebook)
 
     def __call__(self, step, logs):
+        self.average.update()
+        with self.average.applied():
+            return self._upkeep(step, logs)
+
+    def _observe(self):
+        """The codebook statistics from this step's windows, encoded by the averaged weights: the
+        unlabelled --codebook_windows, or else the training batch once more."""
+        q = self.model.quantizer
+        if q.track_batch or not bool(q.initialized):
+            return
+        windows = self.stream.take(self.cfg.codebook_windows) if self.cfg.codebook_windows else self.batch_windows
+        z = embed_windows(self.model, self.tok, windows, self.device)
+        q.observe(z)
+        self.recent.append(z)
+
+    def _upkeep(self, step, logs):
         q, cfg = self.model.quantizer, self.cfg
+        self._observe()
         if not bool(q.initialized) and step >= cfg.vq_warmup_steps:
             windows = self.stream.take(cfg.kmeans_samples)
             z = embed_windows(self.model, self.tok, windows, self.device)
@@ -201,13 +228,18 @@ def main(cfg: Phase1Config) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = LoopState()
+    live = None
     if cfg.resume and os.path.exists(out_path):
         ckpt = load_checkpoint(out_path, phases=("phase1a",))
         check_architecture(ckpt["base_config"], mcfg, out_path)
-        model.load_state_dict(ckpt["base_model_state_dict"])
+        model.load_state_dict(ckpt["base_model_state_dict"])  # the averaged weights
+        live = ckpt["resume"].get("live_weights")
         state = tc.resume_state(ckpt, optimizer, stream.skip)
         if rank == 0:
             print(f"resuming {out_path} at step {state.step} ({state.tokens_seen:,} k-mers seen)")
+    average = tc.WeightAverage(model, cfg.weight_average)
+    if live is not None:
+        average.load_live_state(live, state.step)
     train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     if cfg.compile:
         train_model = torch.compile(train_model)
@@ -218,8 +250,9 @@ def main(cfg: Phase1Config) -> dict:
         if cfg.codebook_windows and cfg.train_windows else set()
     kmeans_stream = WindowStream(lambda: docs("train", True), tok, seed=cfg.seed + 1, shuffle_buffer=cfg.shuffle_buffer,
                                  exclude=labelled)
-    upkeep = CodebookUpkeep(cfg, model, tok, kmeans_stream, device, world)
-    model.quantizer.track_batch = cfg.codebook_windows == 0
+    upkeep = CodebookUpkeep(cfg, model, tok, kmeans_stream, device, world, average)
+    # the training forward may update the codebook itself only when it runs the weights evaluated
+    model.quantizer.track_batch = cfg.codebook_windows == 0 and not cfg.weight_average
     if rank == 0:
         print(f"phase 1a: {sum(p.numel() for p in model.parameters()):,} parameters, {len(held_out)} held-out "
               f"windows, teacher on {device}, data={cfg.data}")
@@ -239,27 +272,37 @@ def main(cfg: Phase1Config) -> dict:
         if "cos_q" in out:
             loss = loss + cfg.diversity_weight * out["diversity_term"]
             logs.update(cos_q=float(out["cos_q"]), commit=float(out["commit"]), diversity=float(out["diversity"]))
-        if not cfg.codebook_windows:
+        if model.quantizer.track_batch:
             upkeep.recent.append(out["z_e"].detach().float())
-        elif bool(model.quantizer.initialized):
-            z_u = embed_windows(model, tok, kmeans_stream.take(cfg.codebook_windows), device)
-            model.quantizer.observe(z_u)
-            upkeep.recent.append(z_u)
+        else:  # the upkeep after the optimizer step feeds the codebook (CodebookUpkeep._observe)
+            upkeep.batch_windows = windows
         return loss, logs, int(mask.sum()) * world
 
     def save(st, metrics, is_best):
         teacher.flush()
         st.data_position = stream.position
-        ckpt = tc.base_checkpoint("phase1a", cfg, model.config_dict(), model.state_dict(), st, metrics,
-                                  None, optimizer)
-        save_checkpoint(ckpt, out_path)
-        if is_best:
-            save_checkpoint(ckpt, best_path)
+        live = average.live_state() if cfg.weight_average else None
+        with average.applied():  # the checkpoint's model is the averaged weights
+            ckpt = tc.base_checkpoint("phase1a", cfg, model.config_dict(), model.state_dict(), st, metrics,
+                                      None, optimizer)
+            ckpt["resume"]["live_weights"] = live
+            save_checkpoint(ckpt, out_path)
+            if is_best:
+                save_checkpoint(ckpt, best_path)
+
+    health = []  # (step, perplexity, utilisation) of every eval after the k-means init, this process
+
+    def evaluate():
+        with average.applied():
+            m = evaluate_distillation(model, tok, held_out, held_targets, device, health_windows)
+        if "perplexity" in m:
+            health.append((state.step, m["perplexity"], m["utilisation"]))
+        return m
 
     # 5. train, eval, checkpoint
     metrics = tc.run_training(
         cfg, optimizer=optimizer, params=params, train_step=train_step, state=state, logger=logger,
-        evaluate=lambda: evaluate_distillation(model, tok, held_out, held_targets, device, health_windows),
+        evaluate=evaluate,
         save=save, total_steps=cfg.max_steps, max_tokens=cfg.max_tokens_total, device=device,
         after_step=upkeep, best_key="cos_q", rank=rank, bar_keys=("cos_q", "cos_e", "run_ppl", "active_pct"))
     teacher.flush()
@@ -268,7 +311,7 @@ def main(cfg: Phase1Config) -> dict:
     if rank == 0:
         print(f"wrote {out_path} (teacher texts encoded this run: {teacher.calls:,})")
     return {"metrics": metrics, "output": out_path, "teacher_calls": teacher.calls, "step": state.step,
-            "tokens_seen": state.tokens_seen}
+            "tokens_seen": state.tokens_seen, "health": health}
 
 
 if __name__ == "__main__":

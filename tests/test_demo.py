@@ -18,3 +18,6 @@ def test_quick_demo_chain(tmp_path, teacher_cache_dir, capsys):
     out = capsys.readouterr().out
     assert "demo finished" in out and "recall plot:" in out
     assert r["p2"]["metrics"]["eval_batch_size"] == 64
+    # Phase 1a reports codebook health at each eval after the k-means init (steps 20 and 40 here)
+    assert [h[0] for h in r["p1"]["health"]] == [20, 40]
+    assert "lowest perplexity / utilisation over its 2 evals after the k-means init" in out

@@ -118,3 +118,11 @@ def test_phase1a_codebook_from_unlabelled_windows(tmp_path, teacher_cache_dir):
     state = ckpt["base_model_state_dict"]
     assert bool(state["quantizer.initialized"]) and ckpt["step"] == 20
     assert r["metrics"]["utilisation"] > 0 and r["metrics"]["n"] > 0
+
+
+def test_phase1a_checkpoint_holds_the_weight_average_and_the_live_weights(chain):
+    ckpt = load_checkpoint(str(chain["dir"] / "p1.pt"))
+    live, avg = ckpt["resume"]["live_weights"], ckpt["base_model_state_dict"]
+    assert "quantizer.codebook" not in live and "encoder.embed.weight" in live
+    assert set(live) <= set(avg)
+    assert any(not torch.equal(live[n], avg[n]) for n in live)  # the model saved is the average

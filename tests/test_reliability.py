@@ -104,3 +104,37 @@ def test_hub_unreachable_is_one_line(tmp_path):
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "could not be loaded from the Hub" in r.stderr and "--data sample" in r.stderr
+
+
+def test_weight_average_follows_live_weights_and_swaps_back():
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    frozen = m.bias.requires_grad_(False)  # untrained tensors are not averaged
+    w0 = m.weight.detach().clone()
+    wa = tc.WeightAverage(m, 0.98)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    wa.update()  # bias-corrected: the first update's average is those weights, not the initial ones
+    assert torch.equal(wa.avg[0], w0 + 1)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    wa.update()  # weights (w0 + 1) and (w0 + 2) with weights 0.98 and 1
+    assert torch.allclose(wa.avg[0], (0.98 * (w0 + 1) + (w0 + 2)) / 1.98)
+    live = m.weight.detach().clone()
+    with pytest.raises(RuntimeError):
+        with wa.applied():
+            assert torch.equal(m.weight, wa.avg[0]) and m.bias is frozen
+            raise RuntimeError("boom")
+    assert torch.equal(m.weight, live)  # put back, also on error
+    saved_live, saved_avg = wa.live_state(), [a.clone() for a in wa.avg]
+    with torch.no_grad():  # resume: the model holds the average, the live weights come back in
+        m.weight.copy_(saved_avg[0])
+    again = tc.WeightAverage(m, 0.98)
+    again.load_live_state(saved_live, updates=2)
+    assert torch.equal(m.weight, live) and torch.equal(again.avg[0], saved_avg[0]) and again.updates == 2
+    off = tc.WeightAverage(m, 0.0)
+    off.update()
+    with off.applied():
+        assert torch.equal(m.weight, live)
+    with pytest.raises(ValueError):
+        tc.WeightAverage(m, 1.0)
