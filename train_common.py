@@ -306,8 +306,8 @@ class WeightAverage:
         if not 0 <= decay < 1:
             raise ValueError(f"weight-average decay must be in [0, 1), got {decay}")
         self.decay, self.updates = decay, 0
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in trained], [p for _, p in trained]
         self.avg = [p.detach().clone() for p in self.params] if decay > 0 else []
 
     @torch.no_grad()
@@ -333,9 +333,11 @@ class WeightAverage:
             with torch.no_grad():
                 torch._foreach_copy_([p.data for p in self.params], live)
 
-    def live_state(self) -> dict:
+    def live_state(self) -> dict | None:
         """The live weights by name: what a resumed run trains on (the model's state dict, saved
-        inside `applied()`, holds the average)."""
+        inside `applied()`, holds the average). None when off: the state dict holds them then."""
+        if not self.decay:
+            return None
         return {n: p.detach().clone() for n, p in zip(self.names, self.params)}
 
     def load_live_state(self, live: dict, updates: int):

@@ -165,6 +165,8 @@ class CodebookUpkeep:
 
     def __call__(self, step, logs):
         self.average.update()
+        if not bool(self.model.quantizer.initialized) and step < self.cfg.vq_warmup_steps:
+            return logs  # nothing reads the averaged weights before the k-means init: no swap
         with self.average.applied():
             return self._upkeep(step, logs)
 
@@ -281,7 +283,7 @@ def main(cfg: Phase1Config) -> dict:
     def save(st, metrics, is_best):
         teacher.flush()
         st.data_position = stream.position
-        live = average.live_state() if cfg.weight_average else None
+        live = average.live_state()
         with average.applied():  # the checkpoint's model is the averaged weights
             ckpt = tc.base_checkpoint("phase1a", cfg, model.config_dict(), model.state_dict(), st, metrics,
                                       None, optimizer)
