@@ -23,6 +23,8 @@ import sys
 import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from train_common import REPO, UserError
 
@@ -134,12 +136,67 @@ def ivf_on_teacher(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int):
     return doc_code[:, 0].astype(np.int64), order.astype(np.int64), k
 
 
+def two_stage(code_of_doc, probe_order, q_emb, d_emb, rel_docs, fractions=(0.01, 0.05, 0.1), k=10) -> dict:
+    """Filter, then re-rank the kept passages with the teacher: recall@k and how many passages the
+    re-ranker embeds per query, against the re-ranker alone over the whole corpus."""
+    N = len(code_of_doc)
+    members = [np.flatnonzero(code_of_doc == c) for c in range(probe_order.shape[1])]
+    out = {}
+    for f in fractions:
+        rec, kept = [], []
+        for qi, (order, rel) in enumerate(zip(probe_order, rel_docs)):
+            cand, n = [], 0
+            for c in order:
+                if n >= f * N:
+                    break
+                cand.append(members[c])
+                n += len(members[c])
+            cand = np.concatenate(cand) if cand else np.zeros(0, dtype=np.int64)
+            top = cand[np.argsort(-(d_emb[cand] @ q_emb[qi]), kind="stable")[:k]]
+            rec.append(np.isin(rel, top).mean())
+            kept.append(len(cand))
+        out[str(f)] = {"recall_at_k": float(np.mean(rec)), "embedded_per_query": float(np.mean(kept))}
+    top = np.argsort(-(q_emb @ d_emb.T), axis=1)[:, :k]
+    out["1.0"] = {"recall_at_k": float(np.mean([np.isin(r, t).mean() for r, t in zip(rel_docs, top)])),
+                  "embedded_per_query": float(N)}
+    return out
+
+
+def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int):
+    """Spherical k-means IVF (FAISS) on any vectors: (doc list, query probe order, lists)."""
+    d = d_emb / np.linalg.norm(d_emb, axis=1, keepdims=True).clip(min=1e-12)
+    q = q_emb / np.linalg.norm(q_emb, axis=1, keepdims=True).clip(min=1e-12)
+    return ivf_on_teacher(d, q, K, seed)
+
+
+def model2vec_peer(teacher_path: str, fingerprint: str, cache_root: str, pca_dims: int = 256):
+    """Model2Vec distilled from the same teacher (no training data), distilled once and kept on disk."""
+    try:
+        from model2vec import StaticModel
+        from model2vec.distill import distill
+    except ImportError:
+        raise UserError("the Model2Vec peer needs `pip install \"model2vec[distill]\"` (in requirements.txt), "
+                        "or pass --no_model2vec") from None
+    folder = os.path.join(cache_root, f"model2vec_{fingerprint}_pca{pca_dims}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        t0 = time.time()
+        print(f"distilling Model2Vec from the teacher (once; cached in {folder}) ...", flush=True)
+        m = distill(model_name=teacher_path, pca_dims=pca_dims, device="cpu")
+        tmp = folder + ".tmp"
+        m.save_pretrained(tmp)
+        os.replace(tmp, folder) if not os.path.exists(folder) else None
+        print(f"  Model2Vec distilled in {time.time() - t0:.0f} s", flush=True)
+    return StaticModel.from_pretrained(folder)
+
+
 def plot(results: dict, path: str, title: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name, res in results.items():
+        if name.startswith("diag_"):
+            continue
         xs = [float(f) for f in res["recall_at_fraction"]]
         ax.plot(xs, list(res["recall_at_fraction"].values()), marker="o", label=name)
     ax.set_xscale("log")
@@ -167,6 +224,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--teacher_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no_model2vec", action="store_true", help="skip the Model2Vec + IVF peer")
+    ap.add_argument("--model2vec_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae"),
+                    help="where the distilled Model2Vec peer is kept")
     args = ap.parse_args(argv)
     try:
         return run(args)
@@ -222,6 +282,34 @@ def run(args) -> dict:
     curve, rows = recall_curves(ivf_code, ivf_order, rel_docs)
     results["ivf_teacher"] = {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(ivf_code, k_ivf),
                               "codes": k_ivf}
+    speed = {"kmer_vqvae": student_pps, "teacher": teacher_pps, "ratio": student_pps / teacher_pps}
+    # the cheap-encoder peer: Model2Vec from the same teacher + IVF with the same number of lists
+    if not args.no_model2vec:
+        from teacher import resolve_teacher
+        path, fingerprint, _ = resolve_teacher(args.teacher)
+        m2v = model2vec_peer(path, fingerprint, args.model2vec_cache)
+        t0 = time.time()
+        m_docs = m2v.encode(docs)
+        speed["model2vec"] = len(docs) / (time.time() - t0)
+        speed["ratio_vs_model2vec"] = student_pps / speed["model2vec"]
+        m_code, m_order, k_m = kmeans_lists(m_docs, m2v.encode(queries), K, args.seed)
+        curve, rows = recall_curves(m_code, m_order, rel_docs)
+        results["model2vec_ivf"] = {"recall_at_fraction": curve, "n_probe": rows,
+                                    "perplexity": perplexity(m_code, k_m), "codes": k_m}
+    # the model's vectors with lists fitted to this corpus, exactly as the peers' IVF is built (what
+    # `kmer_index.py --lists corpus` does); then where recall is lost: exact search on the model's own
+    # code-space vectors, and teacher queries against its decoded passages (teacher space)
+    p_vec, q_vec = p_out["z_code"].numpy(), q_out["z_code"].numpy()
+    o_code, o_order, k_o = kmeans_lists(p_vec, q_vec, K, args.seed)
+    curve, rows = recall_curves(o_code, o_order, rel_docs)
+    results["kmer_vqvae_ivf"] = {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(o_code, k_o),
+                                 "codes": k_o}
+    report_two_stage = two_stage(o_code, o_order, q_emb, d_emb, rel_docs)
+    results["diag_exact_own_vectors"] = {"recall_at_fraction": exact_recall(q_vec, p_vec, rel_docs)}
+    with torch.no_grad():
+        p_dec = F.normalize(filt.model.decode(p_out["z_code"]), dim=-1).numpy()
+    results["diag_teacher_q_x_own_p"] = {"recall_at_fraction": exact_recall(q_emb, p_dec, rel_docs)}
+    results["diag_decoded_cos"] = {"passages": float((p_dec * d_emb).sum(1).mean())}
     rng = np.random.default_rng(args.seed)
     rand_code = rng.integers(K, size=len(docs))
     rand_order = np.stack([rng.permutation(K) for _ in queries])
@@ -234,8 +322,7 @@ def run(args) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "passages": len(docs),
               "queries": len(queries), "methods": results,
-              "passages_per_s": {"kmer_vqvae": student_pps, "teacher": teacher_pps,
-                                 "ratio": student_pps / teacher_pps}, **extra}
+              "passages_per_s": speed, "two_stage_recall_at_10": report_two_stage, **extra}
     json_path = os.path.join(out_dir, f"{args.dataset}_filter_eval.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
@@ -252,11 +339,18 @@ def format_table(report: dict) -> str:
     head = "| method | " + " | ".join(f"R@{float(f) * 100:g}%" for f in fr) + " | corpus ppl |"
     lines = [head, "|" + "---|" * (len(fr) + 2)]
     for name, res in report["methods"].items():
+        if "recall_at_fraction" not in res:
+            continue
         ppl = f"{res['perplexity']:.0f}" if "perplexity" in res else "-"
         lines.append(f"| {name} | " + " | ".join(f"{res['recall_at_fraction'][f]:.3f}" for f in fr) + f" | {ppl} |")
+    ts = report.get("two_stage_recall_at_10", {})
+    if ts:
+        lines.append("filter (k-mer + IVF) then teacher re-rank, recall@10 / passages embedded per query: " + ", ".join(
+            f"{float(f):.0%} kept {v['recall_at_k']:.3f} / {v['embedded_per_query']:.0f}" for f, v in ts.items()))
     sp = report["passages_per_s"]
     lines.append(f"passages/s: k-mer {sp['kmer_vqvae']:.0f}, teacher {sp['teacher']:.1f} "
-                 f"(ratio {sp['ratio']:.1f}x)")
+                 f"(ratio {sp['ratio']:.1f}x)" + (f", Model2Vec {sp['model2vec']:.0f} (k-mer / Model2Vec "
+                                                    f"{sp['ratio_vs_model2vec']:.2f}x)" if "model2vec" in sp else ""))
     return "\n".join(lines)
 
 

@@ -23,8 +23,9 @@ import vqvae_phase1b_train_lora as p1b  # noqa: E402
 import vqvae_phase2_train_adapters as p2  # noqa: E402
 from train_common import parse_config  # noqa: E402
 
-QUICK = {"p1": ["--max_steps", "40", "--vq_warmup_steps", "15", "--eval_every", "20", "--train_windows", "400",
-                "--kmeans_samples", "600", "--eval_size", "100", "--health_size", "400"],
+QUICK = {"p1": ["--max_steps", "40", "--vq_warmup_steps", "10", "--eval_every", "20", "--train_windows", "400",
+                "--kmeans_samples", "600", "--eval_size", "100", "--health_size", "400", "--lexicon_size", "500",
+                "--lexicon_teacher_words", "false", "--lexicon_steps", "10", "--bag_steps", "20"],
          "p1b": ["--max_steps", "10", "--eval_every", "10", "--train_windows", "160", "--eval_size", "64",
                  "--health_size", "400"],
          "p2": ["--max_steps", "20", "--eval_every", "10", "--train_pairs", "400", "--eval_size", "128"]}
@@ -35,6 +36,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--run_dir", default="runs/demo")
     ap.add_argument("--quick", action="store_true", help="shortened chain, for tests")
     ap.add_argument("--teacher_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher"))
+    ap.add_argument("--model2vec_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae"),
+                    help="where the distilled Model2Vec peer is kept (distilled once, ~15-80 s)")
     args = ap.parse_args(argv)
     d, t0 = args.run_dir, time.time()
     common = ["--teacher_cache", args.teacher_cache, "--wandb_mode", "disabled"]
@@ -51,18 +54,47 @@ def main(argv=None) -> dict:
     print("== Phase 2: query/passage adapters (InfoNCE)", flush=True)
     r2 = p2.main(parse_config(p2.Phase2Config, p2.PRESETS, ["--preset", "demo", "--checkpoint", ck1b,
                                                              "--output", ck2, *common, *extra["p2"]]))
-    print("== Filter evaluation on CISI (BEIR format)", flush=True)
-    ev = eval_filter.main(["--checkpoint", ck2, "--dataset", "cisi", "--teacher_cache", args.teacher_cache])
+    evals = {}
+    for name in ("cisi",) if args.quick else ("squad", "cisi"):
+        print(f"== Filter evaluation on {'the SQuAD dev evaluation half' if name == 'squad' else 'CISI (BEIR)'}",
+              flush=True)
+        evals[name] = eval_filter.main(["--checkpoint", ck2, "--dataset", name, "--teacher_cache", args.teacher_cache,
+                                        "--model2vec_cache", args.model2vec_cache])
     minutes = (time.time() - t0) / 60
-    print(summary(r1, r1b, r2, ev, minutes))
-    return {"p1": r1, "p1b": r1b, "p2": r2, "eval": ev, "minutes": minutes}
+    print(summary(r1, r1b, r2, evals, minutes))
+    return {"p1": r1, "p1b": r1b, "p2": r2, "eval": evals, "minutes": minutes}
 
 
-def summary(r1, r1b, r2, ev, minutes) -> str:
+FILTER_ROWS = (("kmer_vqvae", "k-mer VQ-VAE, the model's own codes"),
+               ("kmer_vqvae_ivf", "k-mer VQ-VAE vectors + IVF fitted to the corpus"),
+               ("model2vec_ivf", "Model2Vec (same teacher) + IVF"), ("ivf_teacher", "IVF on the teacher"),
+               ("exact_teacher", "exact teacher top-k"), ("random", "random codes"))
+
+
+def filter_table(evals: dict) -> list[str]:
+    """Recall at 1% / 5% of each corpus, one row per method, the same lists count for all."""
+    names = list(evals)
+    lines = ["| method | " + " | ".join(f"{n} R@1% / R@5%" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for key, label in FILTER_ROWS:
+        cells = []
+        for n in names:
+            r = evals[n]["methods"].get(key)
+            cells.append(f"{r['recall_at_fraction']['0.01']:.3f} / {r['recall_at_fraction']['0.05']:.3f}" if r else "-")
+        k = evals[names[0]]["methods"].get(key, {}).get("codes")
+        lines.append(f"| {label}{f' ({k} lists)' if k and key not in ('random',) else ''} | " + " | ".join(cells) + " |")
+    for n in names:
+        sp = evals[n]["passages_per_s"]
+        lines.append(f"{n}: passages/s k-mer {sp['kmer_vqvae']:.0f}, teacher {sp['teacher']:.0f} "
+                     f"({sp['ratio']:.1f}x the teacher)" + (f", Model2Vec {sp['model2vec']:.0f} "
+                                                             f"({sp['ratio_vs_model2vec']:.2f}x Model2Vec)"
+                                                             if "model2vec" in sp else ""))
+    return lines
+
+
+def summary(r1, r1b, r2, evals, minutes) -> str:
     m1, m1b, m2 = r1["metrics"], r1b["metrics"], r2["metrics"]
     h1 = r1.get("health", [])
     b1b = r1b["before"]
-    rk, ri = ev["methods"]["kmer_vqvae"]["recall_at_fraction"], ev["methods"]["ivf_teacher"]["recall_at_fraction"]
     lines = [
         "", "=" * 78, f"demo finished in {minutes:.1f} min", "",
         "| phase | metric | value |", "|---|---|---|",
@@ -85,11 +117,9 @@ def summary(r1, r1b, r2, ev, minutes) -> str:
         f"| 2 | q2p / p2q accuracy (eval batch {m2['eval_batch_size']}) | {m2['q2p_acc']:.3f} / {m2['p2q_acc']:.3f} |",
         f"| 2 | teacher q2p / p2q on the same batches | {m2['teacher_q2p_acc']:.3f} / {m2['teacher_p2q_acc']:.3f} |",
         f"| 2 | code match rate / positive similarity | {m2['code_match_rate']:.3f} / {m2['pos_similarity']:.3f} |",
-        f"| eval | CISI recall @1% / @5% / @20% of corpus (k-mer) | {rk['0.01']:.3f} / {rk['0.05']:.3f} / {rk['0.2']:.3f} |",
-        f"| eval | same for IVF-{ev['methods']['ivf_teacher']['codes']} on teacher | "
-        f"{ri['0.01']:.3f} / {ri['0.05']:.3f} / {ri['0.2']:.3f} |",
+        "", "Filter: recall of the relevant passages at 1% / 5% of the corpus kept", "", *filter_table(evals),
         "", f"checkpoints: {r1['output']}, {r1b['output']}, {r2['output']}",
-        f"recall plot: {ev['png']}", "=" * 78]
+        "recall plots: " + ", ".join(ev["png"] for ev in evals.values()), "=" * 78]
     return "\n".join(lines)
 
 

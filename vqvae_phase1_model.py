@@ -54,6 +54,10 @@ class KmerVQVAEConfig:
     n_heads: int = 4
     ffn_mult: int = 4
     dropout: float = 0.0
+    # "zero": each block's attention and MLP output layers start at zero, so a new encoder is the bag
+    # of its k-mer embeddings and the blocks learn context on top (README "Filter quality"); "normal":
+    # the usual small random init (checkpoints written before this option existed)
+    residual_init: str = "zero"
     # quantiser
     num_codes: int = 1024
     code_dim: int = 0  # 0 = d_model; else in/out projections to a lower code space
@@ -138,8 +142,11 @@ class KmerTokenizer:
     teacher target of a window is the teacher's embedding of exactly that text.
     """
 
-    def __init__(self, kmer_len=4, kmer_stride=1, kmer_buckets=32768, num_hashes=2, window_size=64,
-                 kmer_pool=1, max_windows=16, hash_version=2, **_model_keys):
+    def __init__(self, kmer_len=KmerVQVAEConfig.kmer_len, kmer_stride=KmerVQVAEConfig.kmer_stride,
+                 kmer_buckets=KmerVQVAEConfig.kmer_buckets, num_hashes=KmerVQVAEConfig.num_hashes,
+                 window_size=KmerVQVAEConfig.window_size, kmer_pool=KmerVQVAEConfig.kmer_pool,
+                 max_windows=KmerVQVAEConfig.max_windows, hash_version=KmerVQVAEConfig.hash_version, **_model_keys):
+        # one source of defaults: a tokenizer built with defaults feeds a default model its own windows
         if not (1 <= kmer_len <= 8):
             raise ValueError(f"kmer_len must be in 1..8, got {kmer_len}")
         if num_hashes > len(_HASH_MULTIPLIERS):
@@ -306,12 +313,23 @@ class KmerEncoder(nn.Module):
         self.pos = nn.Embedding(cfg.window_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.bypass_blocks = False  # not state: Phase 1a sets it during its bag stage
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
+        if cfg.residual_init not in ("zero", "normal"):
+            raise ValueError(f"residual_init must be 'zero' or 'normal', got {cfg.residual_init!r}")
+        if cfg.residual_init == "zero":  # ReZero-style start (Bachlechner et al. 2020, arXiv:2003.04887)
+            for blk in self.blocks:
+                for layer in (blk.attn.out_proj, blk.mlp[2]):
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
         with torch.no_grad():
             self.embed.weight[0].zero_()
 
     def forward(self, input_ids, attention_mask):
+        """-> (z_e (B, D), positions (B,)). While `bypass_blocks` is set (Phase 1a's bag stage, with
+        residual_init "zero" and the blocks not yet trained, so each block is exactly the identity)
+        the blocks are skipped: the encoder is then the bag of its k-mer embeddings, ~4x cheaper."""
         mask = attention_mask.bool()
         x = self.embed(input_ids)  # (B, L, D) or (B, L, H, D)
         if x.dim() == 4:
@@ -328,7 +346,7 @@ class KmerEncoder(nn.Module):
         if T > self.cfg.window_size:
             raise ValueError(f"{T} positions exceed window_size {self.cfg.window_size}")
         x = x + self.pos.weight[:T]
-        for blk in self.blocks:
+        for blk in () if self.bypass_blocks else self.blocks:
             x = blk(x, mask)
         x = self.ln_f(x)
         m = mask.to(x.dtype)[..., None]
@@ -458,10 +476,14 @@ class VectorQuantizer(nn.Module):
         """Code ids -> quantised vectors in code space (what `z_q` holds)."""
         return self._codes()[indices]
 
-    def forward(self, z: torch.Tensor, top_n: int = 1) -> dict:
-        track = self.training and self.track_batch
+    def forward(self, z: torch.Tensor, top_n: int = 1, update: bool = False) -> dict:
+        """Nearest codes and the VQ losses. The codebook statistics change only with update=True,
+        which only a training step passes (KmerVQVAE.forward in training mode): inference never
+        changes the model, whatever the module's mode."""
+        update = update and self.training
+        track = update and self.track_batch
         with torch.autocast(device_type=z.device.type, enabled=False):
-            if track or (self.training and not bool(self.initialized)):
+            if track or (update and not bool(self.initialized)):
                 self._track_mean(z)  # before the k-means init the training batches set the mean
             zc = self.project(z)  # (B, cd)
             sim = self.similarity(zc)  # (B, K)
@@ -655,24 +677,37 @@ class KmerVQVAE(nn.Module):
         return self.decoder(self.quantizer.out_proj(z_code).to(self.decoder[0].weight.dtype))
 
     def forward(self, input_ids, attention_mask, teacher=None, text_index=None, num_texts=None,
-                continuous_weight: float = 1.0, relational_weight: float = 0.0, quantize: bool = True):
-        """Training forward: losses against teacher embeddings (B, teacher_dim)."""
+                continuous_weight: float = 1.0, relational_weight: float = 0.0, quantize: bool = True,
+                target_center: torch.Tensor | None = None, contrastive_weight: float = 0.0,
+                contrastive_temperature: float = 0.05):
+        """Training forward: losses against teacher embeddings (B, teacher_dim).
+
+        target_center (teacher_dim,): the cosine losses compare decoded - center with teacher - center,
+        so they reward what tells texts apart rather than the direction all of them share (the decoder
+        still outputs the teacher's own space). contrastive_weight: in-batch InfoNCE that each decoded
+        vector picks its own teacher target among the batch's (continuous path)."""
         z_e = self.encode_windows(input_ids, attention_mask, text_index, num_texts)
-        q = self.quantizer(z_e)
+        q = self.quantizer(z_e, update=self.training)  # the training path: codebook statistics may move
         dec_e = self.decode(q["z_code"])
         out = {"indices": q["indices"], "z_e": z_e, "decoded_e": dec_e}
         if teacher is None:
             return out
         t = teacher.float()
+        c = target_center.float() if target_center is not None else None
+        shift = (lambda v: v - c) if c is not None else (lambda v: v)
         cos_e = F.cosine_similarity(dec_e.float(), t, dim=-1)
-        loss_e = (1 - cos_e).mean()
+        loss_e = (1 - F.cosine_similarity(shift(dec_e.float()), shift(t), dim=-1)).mean()
         out.update(cos_e=cos_e.mean().detach(), loss_cont=loss_e.detach())
+        if contrastive_weight > 0:
+            nce = info_nce(shift(dec_e.float()), shift(t), contrastive_temperature)
+            loss_e = loss_e + contrastive_weight * nce
+            out["nce"] = nce.detach()
         if not quantize or not bool(self.quantizer.initialized):
             out["loss"] = loss_e  # warm-up: continuous distillation only
             return out
         dec_q = self.decode(q["z_q"])
         cos_q = F.cosine_similarity(dec_q.float(), t, dim=-1)
-        loss_q = (1 - cos_q).mean()
+        loss_q = (1 - F.cosine_similarity(shift(dec_q.float()), shift(t), dim=-1)).mean()
         loss = loss_q + continuous_weight * loss_e + q["commit_loss"]
         out.update(cos_q=cos_q.mean().detach(), loss_q=loss_q.detach(), commit=q["commit_loss"].detach(),
                    diversity=q["diversity_loss"].detach(), decoded_q=dec_q)
@@ -683,6 +718,15 @@ class KmerVQVAE(nn.Module):
             out["relational"] = rel.detach()
         out["loss"] = loss
         return out
+
+
+def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between student vectors and their teacher targets (row i matches row i):
+    per-example cosine alone lets a student sit near the common direction; this rewards ranking
+    each text's own target above the other texts' (what a filter's routing needs)."""
+    logits = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T / temperature  # (B, B)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
 def relational_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -751,6 +795,7 @@ def load_checkpoint(path: str, phases: tuple[str, ...] | None = None, map_locati
                               f"{' or '.join(phases)}")
     if isinstance(ckpt.get("base_config"), dict):  # written before hash_version existed: the 64-bit hash
         ckpt["base_config"].setdefault("hash_version", 1)
+        ckpt["base_config"].setdefault("residual_init", "normal")  # (an init choice: weights come from the file)
     init = ckpt.get("base_model_state_dict", {}).get("quantizer.initialized")
     if need_codebook and init is not None and not bool(init):
         raise CheckpointError(f"{path} was saved at step {ckpt.get('step')}, before its codebook's k-means init "

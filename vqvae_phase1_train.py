@@ -61,6 +61,21 @@ class Phase1Config(CommonConfig):
     codebook_windows: int = opt(0, "unlabelled windows per step that train the codebook (EMA, k-means, restarts) "
                                 "instead of the teacher-labelled batch (0 = the batch); see README", min=0)
     health_size: int = opt(50_000, "held-out windows for codebook health (student only, no teacher)", min=1)
+    # word knowledge and the distillation objective (README "Filter quality")
+    lexicon_size: int = opt(40_000, "most frequent training-text words that, with the teacher's whole-word vocabulary, "
+                            "get teacher embeddings for the word stage and the static targets (0 = off)", min=0)
+    lexicon_teacher_words: bool = opt(True, "add the teacher tokenizer's ~21.7k whole words to the lexicon")
+    lexicon_steps: int = opt(300, "word-stage steps first: each k-mer window is one word, its target the teacher's "
+                             "embedding of that word (0 = none; needs --lexicon_size)", min=0)
+    bag_steps: int = opt(0, "steps after the word stage during which the transformer blocks (zero-initialised, so "
+                         "each is the identity) are skipped and do not train: the encoder is the bag of its k-mer "
+                         "embeddings, which learns word meaning ~4x faster per CPU second; README", min=0)
+    lexicon_batch_size: int = opt(256, "words per word-stage step", min=2)
+    static_windows: int = opt(32, "extra unlabelled windows per step whose target is the SIF-weighted bag of their "
+                              "words' teacher vectors (no teacher call; 0 = off; needs --lexicon_size)", min=0)
+    center_targets: bool = opt(True, "cosine losses compare decoded and target minus the targets' mean direction")
+    contrastive_weight: float = opt(1.0, "weight of the in-batch InfoNCE between decoded vectors and targets", min=0)
+    contrastive_temperature: float = opt(0.05, "InfoNCE temperature", gt=0)
     weight_average: float = opt(0.98, "decay of the running average of the weights that trains the codebook and is "
                                 "evaluated and saved as the model (0 = off, the live weights); see README", min=0,
                                 max=0.9999)
@@ -70,15 +85,19 @@ PRESETS = {
     "tiny": dict(d_model=32, n_layers=1, n_heads=2, num_codes=16, kmer_buckets=1024, window_size=16,
                  batch_size=16, max_steps=30, warmup_steps=5, vq_warmup_steps=10, kmeans_samples=128,
                  eval_every=10, eval_size=64, log_every=5, dead_code_every=5, shuffle_buffer=64,
-                 max_tokens_total=0, health_size=64, output="runs/tiny/kmer_vqvae_phase1.pt"),
+                 max_tokens_total=0, health_size=64, lexicon_size=300, lexicon_teacher_words=False, lexicon_steps=5,
+                 lexicon_batch_size=32, static_windows=8, output="runs/tiny/kmer_vqvae_phase1.pt"),
     # demo: the bundled samples' three web-text sources; 4,000 teacher-labelled windows train the
     # encoder and the other ~28k (unlabelled) train the codebook (README "Codebook health"). 256
     # codes: 64 codebook windows a step then reach each code as often as full's 256 windows reach
     # 1,024 (README "Keeping the codebook healthy after the k-means init")
-    "demo": dict(d_model=192, n_layers=2, n_heads=4, num_codes=256, batch_size=32, lr=5e-4, max_steps=800,
-                 warmup_steps=50, vq_warmup_steps=200, kmeans_samples=6000, eval_every=200, eval_size=500,
-                 health_size=12_000,
-                 train_windows=4000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
+    # demo: README "Filter quality". Word stage (1,000 steps of 256 words), then the bag stage (the
+    # blocks skipped) on 32 teacher-labelled + 32 static-target windows a step, then 600 steps with
+    # the transformer block training too. 256 codes (README "Keeping the codebook healthy").
+    "demo": dict(d_model=192, n_layers=1, n_heads=4, num_codes=256, batch_size=32, static_windows=32, lr=1e-3,
+                 max_steps=3600, warmup_steps=50, lexicon_steps=1000, bag_steps=2000, vq_warmup_steps=1000,
+                 kmeans_samples=6000, eval_every=600, eval_size=500, health_size=12_000, log_every=50,
+                 train_windows=3000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
                  shuffle_buffer=2048, max_tokens_total=0, output="runs/demo/kmer_vqvae_phase1.pt"),
     "full": dict(batch_size=256, max_steps=4000, warmup_steps=200, vq_warmup_steps=300, eval_every=500,
                  eval_size=50_000, output="kmer_vqvae_phase1.pt"),
@@ -162,10 +181,11 @@ class CodebookUpkeep:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.restarted = 0
         self.batch_windows: list[str] = []  # the step's training windows (when they train the codebook)
+        self.init_step = cfg.lexicon_steps + cfg.vq_warmup_steps  # the k-means init: after words and warm-up
 
     def __call__(self, step, logs):
         self.average.update()
-        if not bool(self.model.quantizer.initialized) and step < self.cfg.vq_warmup_steps:
+        if not bool(self.model.quantizer.initialized) and step < self.init_step:
             return logs  # nothing reads the averaged weights before the k-means init: no swap
         with self.average.applied():
             return self._upkeep(step, logs)
@@ -184,7 +204,7 @@ class CodebookUpkeep:
     def _upkeep(self, step, logs):
         q, cfg = self.model.quantizer, self.cfg
         self._observe()
-        if not bool(q.initialized) and step >= cfg.vq_warmup_steps:
+        if not bool(q.initialized) and step >= self.init_step:
             windows = self.stream.take(cfg.kmeans_samples)
             z = embed_windows(self.model, self.tok, windows, self.device)
             q.init_from_samples(z, self.global_batch, seed=cfg.seed)
@@ -199,6 +219,20 @@ class CodebookUpkeep:
             logs["run_ppl"] = q.running_perplexity()
             logs["active_pct"] = 100.0 * float((q.ema_count >= cfg.dead_code_threshold * expected).float().mean())
         return logs
+
+
+def build_lexicon(cfg, docs, teacher, rank):
+    """The word list and its teacher embeddings (cached like any teacher target), or None when off."""
+    if not cfg.lexicon_size or not (cfg.lexicon_steps or cfg.static_windows):
+        return None
+    from lexicon import Lexicon
+    import time
+    t0 = time.time()
+    lex = Lexicon.build(docs("train", False), teacher, cfg.lexicon_size, teacher_vocab=cfg.lexicon_teacher_words)
+    teacher.flush()
+    if rank == 0:
+        print(f"lexicon: {len(lex.vocab):,} words with teacher embeddings ({time.time() - t0:.0f} s)")
+    return lex
 
 
 def main(cfg: Phase1Config) -> dict:
@@ -224,11 +258,22 @@ def main(cfg: Phase1Config) -> dict:
     except TeacherError as e:
         raise UserError(str(e)) from None
     held_targets = teacher.embed(held_out)
+    lex = build_lexicon(cfg, docs, teacher, rank)
+    win_center = held_targets.float().mean(0).to(device) if cfg.center_targets else None
+    static_center = lex.static_targets(held_out).mean(0).to(device) if lex is not None and cfg.center_targets \
+        else None
 
     # 3. model, optimizer, resume
     model = KmerVQVAE(**mcfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    blocks = {id(p) for p in model.encoder.blocks.parameters()}
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if id(p) not in blocks]},
+                                   {"params": [p for p in params if id(p) in blocks], "blocks": True}],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
+    bag_end = cfg.lexicon_steps + cfg.bag_steps if (cfg.lexicon_steps or cfg.bag_steps) else 0
+    if bag_end and mcfg.get("residual_init", "zero") != "zero":
+        raise UserError("--lexicon_steps/--bag_steps skip the transformer blocks, which is exact only with "
+                        "residual_init 'zero'; set both to 0 to train the blocks from the start")
     state = LoopState()
     live = None
     if cfg.resume and os.path.exists(out_path):
@@ -242,7 +287,8 @@ def main(cfg: Phase1Config) -> dict:
     average = tc.WeightAverage(model, cfg.weight_average)
     if live is not None:
         average.load_live_state(live, state.step)
-    train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
+                                                            find_unused_parameters=bag_end > 0) if world > 1 else model
     if cfg.compile:
         train_model = torch.compile(train_model)
     logger = tc.RunLogger(cfg, run_dir, "phase1a", rank)
@@ -253,6 +299,8 @@ def main(cfg: Phase1Config) -> dict:
     kmeans_stream = WindowStream(lambda: docs("train", True), tok, seed=cfg.seed + 1, shuffle_buffer=cfg.shuffle_buffer,
                                  exclude=labelled)
     upkeep = CodebookUpkeep(cfg, model, tok, kmeans_stream, device, world, average)
+    static_stream = WindowStream(lambda: docs("train", True), tok, seed=cfg.seed + 2,
+                                 shuffle_buffer=cfg.shuffle_buffer, exclude=labelled)
     # the training forward may update the codebook itself only when it runs the weights evaluated
     model.quantizer.track_batch = cfg.codebook_windows == 0 and not cfg.weight_average
     if rank == 0:
@@ -260,15 +308,43 @@ def main(cfg: Phase1Config) -> dict:
               f"windows, teacher on {device}, data={cfg.data}")
 
     # 4. the step
+    loss_args = dict(continuous_weight=cfg.continuous_weight, relational_weight=cfg.relational_weight,
+                     contrastive_weight=cfg.contrastive_weight, contrastive_temperature=cfg.contrastive_temperature)
+
+    def word_step(step):
+        """The word stage: a batch of vocabulary words, each its own window, against its teacher vector."""
+        per_epoch = max(1, len(lex.vocab) // cfg.lexicon_batch_size)  # a fresh word order every epoch
+        order = torch.randperm(len(lex.vocab), generator=torch.Generator().manual_seed(cfg.seed + step // per_epoch))
+        start = (step % per_epoch) * cfg.lexicon_batch_size
+        ids = order[start:start + cfg.lexicon_batch_size]
+        b = tok.encode_windows([lex.vocab[i] for i in ids])
+        mask = b["attention_mask"].to(device)
+        center = lex.center.to(device) if cfg.center_targets else None
+        out = train_model(b["input_ids"].to(device), mask, teacher=lex.embeddings[ids].to(device),
+                          target_center=center, **loss_args)
+        return out["loss"], {"cos_e": float(out["cos_e"])}, int(mask.sum()) * world
+
     def train_step(step):
+        bag = step < bag_end
+        model.encoder.bypass_blocks = bag  # the blocks are the identity until they start to train
+        for g in optimizer.param_groups:
+            g["lr_scale"] = 0.0 if (bag and g.get("blocks")) else 1.0
+        if step < cfg.lexicon_steps and lex is not None:
+            return word_step(step)
         windows = stream.take(cfg.batch_size)
         if len(windows) < cfg.batch_size:
             raise UserError("the training stream ran dry; check the data files")
-        targets = teacher.embed(windows).to(device)
+        targets = teacher.embed(windows).to(device).float()
+        center = win_center.expand_as(targets) if win_center is not None else None
+        if lex is not None and cfg.static_windows:  # unlabelled windows, static targets: no teacher call
+            extra = static_stream.take(cfg.static_windows)
+            windows = windows + extra
+            targets = torch.cat([targets, lex.static_targets(extra).to(device)])
+            if center is not None:
+                center = torch.cat([center, static_center.expand(len(extra), -1)])
         b = tok.encode_windows(windows)
         mask = b["attention_mask"].to(device)
-        out = train_model(b["input_ids"].to(device), mask, teacher=targets,
-                          continuous_weight=cfg.continuous_weight, relational_weight=cfg.relational_weight)
+        out = train_model(b["input_ids"].to(device), mask, teacher=targets, target_center=center, **loss_args)
         loss = out["loss"]
         logs = {"cos_e": float(out["cos_e"])}
         if "cos_q" in out:

@@ -22,6 +22,7 @@ from data_common import parse_data_files, parse_weights
 from lora_adapters import QueryPassageAdapters
 from teacher import Teacher, TeacherError
 from train_common import CommonConfig, LoopState, UserError, opt
+from vqvae_phase1_model import info_nce as distill_nce
 from vqvae_phase1_model import load_checkpoint, model_from_checkpoint, save_checkpoint
 from vqvae_phase2_data import HUB_DEFAULT, PAIR_SOURCES, SAMPLE_DEFAULT, PairBatcher, pair_stream
 
@@ -39,6 +40,9 @@ class Phase2Config(CommonConfig):
     eval_batch_size: int = opt(64, "pairs per in-batch eval (accuracy depends on it)", min=2)
     train_pairs: int = opt(0, "distinct training pairs, reshuffled each epoch (0 = the whole stream)", min=0)
     teacher_compare: bool = opt(True, "also report the metrics of the teacher's own embeddings")
+    query_distill_weight: float = opt(1.0, "weight of a second objective: each query, through the query adapter and "
+                                      "the frozen decoder, lands where the teacher puts it (centred cosine + InfoNCE; "
+                                      "0 = off). Keeps the adapter general beyond the few pair sources", min=0)
 
 
 PRESETS = {
@@ -142,14 +146,17 @@ def main(cfg: Phase2Config) -> dict:
         raise UserError(f"only {len(held)} held-out pairs; need at least --eval_batch_size {cfg.eval_batch_size}")
     batches = PairBatcher(lambda: pairs("train", cfg.train_pairs == 0), cfg.batch_size, seed=cfg.seed,
                           pool_size=cfg.train_pairs)
-    teacher_emb = None
-    if cfg.teacher_compare and rank == 0:
+    teacher_emb, teacher, q_center = None, None, None
+    if (cfg.teacher_compare and rank == 0) or cfg.query_distill_weight > 0:
         try:
             teacher = Teacher.load(cfg.teacher, str(device), cfg.teacher_cache or None, cfg.teacher_batch_size)
         except TeacherError as e:
             raise UserError(str(e)) from None
         teacher_emb = (teacher.embed([q for q, _ in held]), teacher.embed([p for _, p in held]))
+        q_center = teacher_emb[0].float().mean(0).to(device)  # the direction every query shares
         teacher.flush()
+        if not (cfg.teacher_compare and rank == 0):
+            teacher_emb = None
 
     # 3. adapters, optimizer, resume
     adapters = QueryPassageAdapters(d_model=model.config.d_model, adapter_type=cfg.adapter_type,
@@ -175,11 +182,20 @@ def main(cfg: Phase2Config) -> dict:
         zq = model.quantizer.project(train_adapters(enc([q for q, _ in batch]), "query"))
         zp = model.quantizer.project(train_adapters(enc([p for _, p in batch]), "passage"))
         loss = info_nce(zq, zp, cfg.temperature)
+        logs = {}
+        if cfg.query_distill_weight > 0:
+            t = teacher.embed([q for q, _ in batch]).to(device).float() - q_center
+            d = model.decode(zq).float() - q_center  # the frozen decoder: code space -> teacher space
+            distill = (1 - F.cosine_similarity(d, t, dim=-1)).mean() + distill_nce(d, t, 0.05)
+            loss = loss + cfg.query_distill_weight * distill
+            logs["query_distill"] = float(distill.detach())
         with torch.no_grad():
             acc = float(((zq @ zp.T).argmax(1) == torch.arange(len(batch), device=zq.device)).float().mean())
-        return loss, {"train_q2p_acc": acc}, len(batch) * world
+        return loss, {"train_q2p_acc": acc, **logs}, len(batch) * world
 
     def save(st, metrics, is_best):
+        if teacher is not None:
+            teacher.flush()
         st.data_position = batches.position
         ckpt = tc.base_checkpoint("phase2", cfg, parent["base_config"], parent["base_model_state_dict"], st,
                                   {**metrics, "before": before}, tc.parent_record(cfg.checkpoint), optimizer)

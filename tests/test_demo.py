@@ -6,7 +6,8 @@ import run_demo
 
 
 def test_quick_demo_chain(tmp_path, teacher_cache_dir, capsys):
-    r = run_demo.main(["--quick", "--run_dir", str(tmp_path), "--teacher_cache", teacher_cache_dir])
+    r = run_demo.main(["--quick", "--run_dir", str(tmp_path), "--teacher_cache", teacher_cache_dir,
+                       "--model2vec_cache", os.path.join(teacher_cache_dir, "m2v")])
     for name in ("kmer_vqvae_phase1.pt", "kmer_vqvae_phase1b_lora.pt", "kmer_vqvae_phase2_aligned.pt",
                  "cisi_filter_eval.json", "cisi_filter_eval.png"):
         assert os.path.isfile(tmp_path / name), name
@@ -16,7 +17,13 @@ def test_quick_demo_chain(tmp_path, teacher_cache_dir, capsys):
     assert methods["exact_teacher"]["recall_at_fraction"]["0.05"] >= methods["ivf_teacher"]["recall_at_fraction"]["0.05"]
     assert methods["ivf_teacher"]["recall_at_fraction"]["0.05"] > methods["random"]["recall_at_fraction"]["0.05"]
     out = capsys.readouterr().out
-    assert "demo finished" in out and "recall plot:" in out
+    assert "demo finished" in out and "recall plots:" in out
+    # the peer and the diagnostics are in the same report, measured on the same queries
+    assert {"model2vec_ivf", "kmer_vqvae_ivf", "diag_exact_own_vectors", "diag_teacher_q_x_own_p"} <= set(methods)
+    assert methods["model2vec_ivf"]["codes"] == methods["kmer_vqvae"]["codes"]  # same number of lists
+    assert report["passages_per_s"]["model2vec"] > 0 and "Model2Vec" in out
+    # Model2Vec is a real encoder: far above random codes on CISI at 5%
+    assert methods["model2vec_ivf"]["recall_at_fraction"]["0.05"] > 2 * methods["random"]["recall_at_fraction"]["0.05"]
     assert r["p2"]["metrics"]["eval_batch_size"] == 64
     # Phase 1a reports codebook health at each eval after the k-means init (steps 20 and 40 here)
     assert [h[0] for h in r["p1"]["health"]] == [20, 40]

@@ -75,7 +75,7 @@ def test_ema_step_matches_vector_quantize_pytorch(cosine):
     x = torch.randn(64, d)
     for _ in range(3):
         _, ref_idx, _ = ref(x[None])
-        out = ours(x)
+        out = ours(x, update=True)
         assert torch.equal(out["indices"], ref_idx[0])
     assert torch.allclose(ours.ema_count, ref._codebook.cluster_size[0], atol=1e-5)
     assert torch.allclose(ours.codebook, ref._codebook.embed[0], atol=1e-5)
@@ -179,7 +179,7 @@ def test_codebook_learns_from_observed_windows_not_the_batch(tiny_model):
     q.initialized.fill_(True)
     q.track_batch = False  # Phase 1a --codebook_windows: the training batch leaves the codebook alone
     state = {k: v.detach().clone() for k, v in q.state_dict().items()}
-    q(torch.randn(32, 32))
+    q(torch.randn(32, 32), update=True)
     assert all(torch.equal(state[k], v) for k, v in q.state_dict().items())
     idx = q.observe(torch.randn(64, 32))
     assert idx.shape == (64,)
@@ -223,7 +223,7 @@ def test_frozen_codebook_diversity_sees_usage_move_without_changing_state():
     z = q.codebook.detach()[0].repeat(64, 1)  # every window on code 0: a collapse
     first = float(q(z)["diversity_loss"])
     for _ in range(200):
-        q(z)
+        q(z, update=True)
     assert float(q(z)["diversity_loss"]) > first + 0.1  # the loss now sees the collapse
     assert all(torch.equal(state[k], v) for k, v in q.state_dict().items())  # checkpoint state untouched
     q.set_mode("ema")

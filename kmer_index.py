@@ -1,0 +1,282 @@
+"""Index a corpus with a trained filter, then query it: the candidate passages in a query's nearest
+lists, optionally re-ranked by the teacher (two-stage retrieval).
+
+    python kmer_index.py build --checkpoint runs/demo/kmer_vqvae_phase2_aligned.pt \
+        --corpus data/retrieval/cisi/corpus.jsonl.gz --index runs/demo/cisi_index
+    python kmer_index.py build --checkpoint ... --corpus more.jsonl --index runs/demo/cisi_index --append
+    python kmer_index.py query --index runs/demo/cisi_index --query "how are library books classified?" \
+        --budget 0.05 --rerank --top_k 10
+
+Corpus: JSONL with `_id` and `text` (BEIR's corpus.jsonl, `title` prepended when present; .gz too) or
+plain text, one passage per line (the id is the line number). Passages stream from disk in batches.
+
+Index folder (no pickle; numpy arrays and JSON): `index.json` (format, the checkpoint's sha256,
+lists, corpus files), `centroids.npy` (K, d) float32, `codes.npy` (N,) int32, `ids.json`,
+`sources.npy` (N, 2) int64 (corpus file number, line number: for re-ranking),
+`list_offsets.npy` (K+1,) and `list_members.npy` (N,): the inverted lists (CSR).
+`--lists corpus` (default) fits K lists to the corpus's vectors by spherical k-means, as FAISS IVF
+does; `--lists model` uses the model's own codebook (no fitting pass; README "Filter quality").
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from train_common import UserError
+
+INDEX_FORMAT = "kmer-index/1"
+
+
+def _open(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def read_corpus(path: str, file_no: int = 0, batch: int = 512):
+    """Yields lists of (id, text, (file_no, line_no)); JSONL when the name says .jsonl, else lines."""
+    if not os.path.isfile(path):
+        raise UserError(f"corpus not found: {path}")
+    is_jsonl = ".jsonl" in os.path.basename(path)
+    out = []
+    with _open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if is_jsonl:
+                try:
+                    row = json.loads(line)
+                    pid, text = str(row["_id"]), (f"{row['title']}. " if row.get("title") else "") + row["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise UserError(f"{path}, line {n}: not a corpus record with '_id' and 'text' "
+                                    f"({type(e).__name__}); fix that line and build again") from None
+            else:
+                pid, text = str(n), line
+            out.append((pid, text, (file_no, n)))
+            if len(out) == batch:
+                yield out
+                out = []
+    if out:
+        yield out
+
+
+def _save_npy(folder: str, name: str, arr: np.ndarray):
+    tmp = os.path.join(folder, f".tmp_{name}")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, name))
+
+
+def _save_json(folder: str, name: str, obj):
+    tmp = os.path.join(folder, f".tmp_{name}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, name))
+
+
+def inverted_lists(codes: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+    members = np.argsort(codes, kind="stable").astype(np.int64)
+    offsets = np.concatenate(([0], np.cumsum(np.bincount(codes, minlength=K)))).astype(np.int64)
+    return offsets, members
+
+
+class Index:
+    """An index in memory: centroids, codes, ids, sources; `search` gives candidate passages."""
+
+    def __init__(self, meta: dict, centroids, codes, ids, sources):
+        self.meta, self.centroids, self.codes, self.ids, self.sources = meta, centroids, codes, ids, sources
+        self.offsets, self.members = inverted_lists(codes, len(centroids))
+
+    @classmethod
+    def load(cls, folder: str, checkpoint_sha: str | None = None) -> "Index":
+        path = os.path.join(folder, "index.json")
+        if not os.path.isfile(path):
+            raise UserError(f"{folder} is not an index (no index.json): build one with `kmer_index.py build`")
+        meta = json.load(open(path))
+        if meta.get("format") != INDEX_FORMAT:
+            raise UserError(f"{folder} has index format {meta.get('format')!r}, not {INDEX_FORMAT!r}: rebuild it")
+        if checkpoint_sha and checkpoint_sha != meta["checkpoint_sha256"]:
+            raise UserError(f"{folder} was built by checkpoint {meta['checkpoint_sha256'][:12]}..., not this one "
+                            f"({checkpoint_sha[:12]}...): its codes mean nothing to this model; rebuild the index")
+        ld = lambda n: np.load(os.path.join(folder, n), allow_pickle=False)
+        return cls(meta, ld("centroids.npy"), ld("codes.npy"), json.load(open(os.path.join(folder, "ids.json"))),
+                   ld("sources.npy"))
+
+    def save(self, folder: str):
+        os.makedirs(folder, exist_ok=True)
+        for name, arr in (("centroids.npy", self.centroids.astype(np.float32)), ("codes.npy", self.codes.astype(np.int32)),
+                          ("sources.npy", self.sources.astype(np.int64)), ("list_offsets.npy", self.offsets),
+                          ("list_members.npy", self.members)):
+            _save_npy(folder, name, arr)
+        _save_json(folder, "ids.json", self.ids)
+        _save_json(folder, "index.json", {**self.meta, "passages": len(self.ids)})  # last: marks it complete
+
+    def search(self, q_vec: np.ndarray, n_probe: int = 0, budget: float = 0.0) -> list[dict]:
+        """Per query: probe the nearest lists until n_probe lists, or until `budget` passages (a count,
+        or a fraction of the corpus when < 1) are kept."""
+        N, K = len(self.codes), len(self.centroids)
+        sizes = np.diff(self.offsets)
+        limit = budget * N if 0 < budget < 1 else budget
+        out = []
+        for order in np.argsort(-(q_vec @ self.centroids.T), axis=1, kind="stable"):
+            probe = order[:n_probe] if n_probe else order[:int(np.searchsorted(np.cumsum(sizes[order]), limit) + 1)]
+            cand = np.concatenate([self.members[self.offsets[k]:self.offsets[k + 1]] for k in probe])
+            out.append({"codes": probe.tolist(), "candidates": cand, "fraction_kept": len(cand) / max(1, N)})
+        return out
+
+
+def _sha(path: str) -> str:
+    from vqvae_phase1_model import file_sha256
+    return file_sha256(path)
+
+
+def encode_vectors(filt, texts: list[str], role: str) -> np.ndarray:
+    return filt.encode(texts, role=role)["z_code"].numpy().astype(np.float32)
+
+
+def build(args) -> Index:
+    """Encode every passage (the Phase 2 passage adapter when there is one) and assign its list."""
+    from tqdm.auto import tqdm
+    from vqvae_phase1_model import CheckpointError, load_pretrained, spherical_kmeans
+    try:
+        filt = load_pretrained(args.checkpoint)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    sha = _sha(args.checkpoint)
+    old = Index.load(args.index, sha) if args.append else None
+    if not args.append and os.path.isfile(os.path.join(args.index, "index.json")) and not args.overwrite:
+        raise UserError(f"{args.index} already holds an index: pass --append to add passages, or --overwrite")
+    files = (old.meta["corpus_files"] if old else []) + [os.path.abspath(c) for c in args.corpus]
+    vecs, ids, sources = [], [], []
+    with tqdm(desc="encoding passages", unit=" passages") as bar:  # closed (its line ended) before any error
+        for c in args.corpus:
+            for chunk in read_corpus(c, files.index(os.path.abspath(c)), args.batch_size):
+                vecs.append(encode_vectors(filt, [t for _, t, _ in chunk], "passage"))
+                ids += [i for i, _, _ in chunk]
+                sources += [s for _, _, s in chunk]
+                bar.update(len(chunk))
+    if not ids:
+        raise UserError(f"no passages in {', '.join(args.corpus)}")
+    V = np.concatenate(vecs)
+    if old is not None:
+        centroids = old.centroids
+    elif args.lists == "model":
+        centroids = filt.model.quantizer._codes().detach().numpy().astype(np.float32)
+    else:
+        import torch
+        K = min(args.num_lists or filt.model.config.num_codes, len(V))
+        centroids = spherical_kmeans(torch.from_numpy(V), K, seed=args.seed)[0].numpy()
+    codes = (V @ centroids.T).argmax(1).astype(np.int32)
+    meta = {"format": INDEX_FORMAT, "checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": sha,
+            "lists": old.meta["lists"] if old else args.lists, "num_lists": int(len(centroids)),
+            "corpus_files": files, "role": "passage" if filt.adapters is not None else None}
+    if old is not None:
+        codes = np.concatenate([old.codes, codes])
+        ids, sources = old.ids + ids, np.concatenate([old.sources, np.array(sources, dtype=np.int64)])
+    index = Index(meta, centroids, codes, ids, np.asarray(sources, dtype=np.int64).reshape(-1, 2))
+    index.save(args.index)
+    return index
+
+
+def passage_texts(index: Index, rows: np.ndarray) -> list[str]:
+    """The texts of passages `rows`, read back from the corpus files (for re-ranking)."""
+    want: dict[int, dict[int, int]] = {}
+    for r in rows:
+        f, line = index.sources[r]
+        want.setdefault(int(f), {})[int(line)] = int(r)
+    texts: dict[int, str] = {}
+    for f, lines in want.items():
+        for chunk in read_corpus(index.meta["corpus_files"][f], f, 4096):
+            for _, text, (_, line) in chunk:
+                if line in lines:
+                    texts[lines[line]] = text
+    return [texts[int(r)] for r in rows]
+
+
+def query(args) -> list[dict]:
+    from vqvae_phase1_model import CheckpointError, load_pretrained
+    index = Index.load(args.index)
+    ckpt = args.checkpoint or index.meta["checkpoint"]
+    try:
+        filt = load_pretrained(ckpt)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    if _sha(ckpt) != index.meta["checkpoint_sha256"]:
+        Index.load(args.index, _sha(ckpt))  # raises the one-line mismatch error
+    queries = list(args.query) + ([l.strip() for l in _open(args.queries) if l.strip()] if args.queries else [])
+    if not queries:
+        raise UserError("give --query TEXT (repeatable) or --queries FILE (one query per line)")
+    if not args.n_probe and not args.budget:
+        args.n_probe = 4
+    hits = index.search(encode_vectors(filt, queries, "query"), args.n_probe, args.budget)
+    reranker = None
+    if args.rerank:
+        from teacher import Teacher
+        reranker = Teacher.load("" if args.rerank is True else args.rerank, "cpu", None)
+    results = []
+    for q, h in zip(queries, hits):
+        res = {"query": q, "codes": h["codes"], "fraction_kept": h["fraction_kept"],
+               "candidates": [index.ids[i] for i in h["candidates"]]}
+        if reranker is not None and len(h["candidates"]):
+            t0 = time.time()
+            p = reranker.embed(passage_texts(index, h["candidates"])).float().numpy()
+            s = p @ reranker.embed([q]).float().numpy()[0]
+            top = np.argsort(-s, kind="stable")[:args.top_k]
+            res.update(top_k=[[index.ids[h["candidates"][i]], float(s[i])] for i in top],
+                       reranker_embedded=len(h["candidates"]), rerank_s=time.time() - t0)
+        results.append(res)
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="index a corpus (or --append to an index)")
+    b.add_argument("--checkpoint", required=True, help="a trained checkpoint (Phase 2: its passage adapter is used)")
+    b.add_argument("--corpus", required=True, nargs="+", help="JSONL (_id, text) or plain text files")
+    b.add_argument("--index", required=True, help="index folder")
+    b.add_argument("--lists", default="corpus", choices=("corpus", "model"),
+                   help="fit the lists to the corpus (k-means), or use the model's own codebook")
+    b.add_argument("--num_lists", type=int, default=0, help="lists for --lists corpus (default: the model's codes)")
+    b.add_argument("--append", action="store_true", help="add passages to an existing index (same lists)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    b.add_argument("--batch_size", type=int, default=512)
+    b.add_argument("--seed", type=int, default=0)
+    q = sub.add_parser("query", help="candidate passages for queries")
+    q.add_argument("--index", required=True)
+    q.add_argument("--checkpoint", default="", help="default: the one the index was built with")
+    q.add_argument("--query", action="append", default=[], help="a query (repeatable)")
+    q.add_argument("--queries", default="", help="a file of queries, one per line")
+    q.add_argument("--n_probe", type=int, default=0, help="lists to probe (default 4 unless --budget)")
+    q.add_argument("--budget", type=float, default=0.0, help="passages to keep: a count, or a fraction if < 1")
+    q.add_argument("--rerank", nargs="?", const=True, default=None, metavar="MODEL",
+                   help="re-rank candidates with the teacher (or a sentence-transformers model)")
+    q.add_argument("--top_k", type=int, default=10)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "build":
+            index = build(args)
+            sizes = np.diff(index.offsets)
+            print(f"indexed {len(index.ids):,} passages into {len(sizes)} lists ({index.meta['lists']}); "
+                  f"largest list {sizes.max():,}, empty lists {(sizes == 0).sum()}; wrote {args.index}")
+            return index
+        results = query(args)
+        for r in results:
+            print(json.dumps({k: v for k, v in r.items() if k != "candidates"} | {"candidates": len(r["candidates"])}))
+        return results
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The pieces behind filter quality: the distillation objective (centred cosine + InfoNCE), the
+lexicon and its static targets, the bag stage, and inference that never changes the model."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lexicon import Lexicon, words
+from vqvae_phase1_model import KmerVQVAE, info_nce
+
+
+def test_info_nce_is_symmetric_cross_entropy_over_the_batch():
+    torch.manual_seed(0)
+    p, t = torch.randn(6, 8), torch.randn(6, 8)
+    sim = F.normalize(p, dim=-1) @ F.normalize(t, dim=-1).T / 0.1
+    by_row = -sum(math.log(sim[i].softmax(0)[i]) for i in range(6)) / 6  # each prediction picks its target
+    by_col = -sum(math.log(sim[:, i].softmax(0)[i]) for i in range(6)) / 6  # each target picks its prediction
+    assert float(info_nce(p, t, 0.1)) == pytest.approx(0.5 * (by_row + by_col), rel=1e-5)
+    assert float(info_nce(t, t, 0.1)) < float(info_nce(p, t, 0.1))  # matching rows score better
+
+
+def test_centred_cosine_loss_compares_offsets_from_the_centre(tiny_model):
+    torch.manual_seed(0)
+    tok = tiny_model.tokenizer()
+    b = tok.encode_windows(["one window of text", "a second, different window", "and a third one"])
+    t = torch.randn(3, 24)
+    c = torch.randn(24)
+    tiny_model.eval()
+    out = tiny_model(b["input_ids"], b["attention_mask"], teacher=t, target_center=c)
+    dec = out["decoded_e"]
+    expected = (1 - F.cosine_similarity(dec - c, t - c, dim=-1)).mean()
+    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(out["cos_e"]) == pytest.approx(float(F.cosine_similarity(dec, t, dim=-1).mean()), rel=1e-5)
+    both = tiny_model(b["input_ids"], b["attention_mask"], teacher=t, target_center=c, contrastive_weight=0.5)
+    assert float(both["loss"]) == pytest.approx(float(expected + 0.5 * info_nce(dec - c, t - c, 0.05)), rel=1e-5)
+
+
+class _FakeTeacherModel:  # only the tokenizer vocabulary is read from it
+    tokenizer = type("T", (), {"vocab": {"apple": 0, "##s": 1, "tree": 2, "a": 3}})()
+
+
+class _Teacher:
+    model = _FakeTeacherModel()
+
+    def embed(self, texts):
+        g = torch.Generator().manual_seed(1)
+        table = {w: torch.randn(8, generator=g) for w in sorted(set(texts))}
+        return torch.stack([table[w] for w in texts])
+
+
+def test_lexicon_words_weights_and_static_targets():
+    docs = ["The apple tree. The apple!", "the tree, the end"]
+    lex = Lexicon.build(docs, _Teacher(), size=10, min_count=1)
+    assert words("The apple-tree's") == ["the", "apple", "-", "tree's"]
+    assert "apple" in lex.index and "tree" in lex.index and "##s" not in lex.index and "a" not in lex.index
+    counts = {"the": 4, "apple": 2, "tree": 2}
+    total = 4 + 2 + 2 + 1 + 1 + 1 + 1  # the, apple, tree, '.', '!', ',', 'end'
+    w = lambda word: 1e-4 / (1e-4 + counts[word] / total)
+    E = lambda word: lex.embeddings[lex.index[word]]
+    got = lex.static_targets(["apple tree the", "zzz unknown", ""])
+    want = F.normalize(w("apple") * E("apple") + w("tree") * E("tree") + w("the") * E("the"), dim=0)
+    assert torch.allclose(got[0], want, atol=1e-6)
+    assert torch.equal(got[1], torch.zeros(8)) and torch.equal(got[2], torch.zeros(8))  # no known word
+    assert float(lex.weights[lex.index["the"]]) < float(lex.weights[lex.index["apple"]])  # frequent: lighter
+
+
+def test_bag_stage_skips_blocks_exactly_at_zero_init(tiny_config):
+    torch.manual_seed(0)
+    model = KmerVQVAE(**tiny_config).eval()
+    b = model.tokenizer()(["some text to encode", "and another, longer piece of text to encode here"])
+    full = model.encode_windows(b["input_ids"], b["attention_mask"])
+    model.encoder.bypass_blocks = True
+    assert torch.allclose(model.encode_windows(b["input_ids"], b["attention_mask"]), full, atol=1e-6)
+    with torch.no_grad():  # once a block has trained, skipping it changes the output
+        model.encoder.blocks[0].mlp[2].weight.normal_()
+    model.encoder.bypass_blocks = False
+    assert not torch.allclose(model.encode_windows(b["input_ids"], b["attention_mask"]), full, atol=1e-4)
+    normal = KmerVQVAE(**{**tiny_config, "residual_init": "normal"})
+    assert normal.encoder.blocks[0].attn.out_proj.weight.abs().sum() > 0
+
+
+def test_inference_never_changes_the_model(tiny_model):
+    """The seed's snippet runs on a model in training mode: encode() must leave every tensor alone."""
+    q = tiny_model.quantizer
+    q.initialized.fill_(True)
+    tiny_model.train()
+    state = {k: v.detach().clone() for k, v in tiny_model.state_dict().items()}
+    b = tiny_model.tokenizer()(["what is a coarse quantiser?", "another query"])
+    first = tiny_model.encode(b["input_ids"], b["attention_mask"])["indices"]
+    for _ in range(20):
+        again = tiny_model.encode(b["input_ids"], b["attention_mask"])["indices"]
+    assert torch.equal(first, again)
+    assert all(torch.equal(state[k], v) for k, v in tiny_model.state_dict().items())
+    # the training forward is the one path that moves the statistics
+    tiny_model(b["input_ids"], b["attention_mask"], teacher=torch.randn(2, 24))
+    assert not torch.equal(state["quantizer.avg_probs"], q.avg_probs)
+
+
+def test_tokenizer_defaults_are_the_models():
+    from vqvae_phase1_model import KmerTokenizer, KmerVQVAEConfig
+    tok, cfg = KmerTokenizer(), KmerVQVAEConfig()
+    assert (tok.pool, tok.window_size, tok.buckets, tok.num_hashes) == (cfg.kmer_pool, cfg.window_size,
+                                                                         cfg.kmer_buckets, cfg.num_hashes)
+    model_tok = KmerVQVAE().tokenizer()
+    x = ["the same text through both tokenizers, long enough to fill several positions"]
+    assert torch.equal(tok(x)["input_ids"], model_tok(x)["input_ids"])

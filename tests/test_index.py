@@ -1,0 +1,98 @@
+"""kmer_index.py: build, save, load, query, append, refuse a foreign checkpoint, name a bad line."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import kmer_index
+import vqvae_phase1_train as p1
+from train_common import parse_config
+from vqvae_phase1_model import load_checkpoint, load_pretrained, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, teacher_cache_dir):
+    d = tmp_path_factory.mktemp("index")
+    p1.main(parse_config(p1.Phase1Config, p1.PRESETS, ["--preset", "tiny", "--output", str(d / "p1.pt"),
+                                                        "--teacher_cache", teacher_cache_dir]))
+    return d / "p1.pt"
+
+
+def _corpus(path, texts, start=0):
+    with open(path, "w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"_id": f"d{start + i}", "title": "", "text": t}) + "\n")
+    return str(path)
+
+
+TEXTS = [f"passage number {i} about {topic}" for i, topic in
+         enumerate(["rivers and lakes", "the history of printing", "protein folding", "football rules",
+                    "cheese making", "volcanoes", "railway timetables", "poetry of the sea"] * 4)]
+
+
+def test_round_trip_equals_in_memory_and_append_equals_build_at_once(ckpt, tmp_path):
+    a = _corpus(tmp_path / "a.jsonl", TEXTS[:20])
+    b = _corpus(tmp_path / "b.jsonl", TEXTS[20:], start=20)
+    built = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "i1"),
+                             "--lists", "model"])
+    loaded = kmer_index.Index.load(str(tmp_path / "i1"))
+    assert np.array_equal(built.codes, loaded.codes) and built.ids == loaded.ids
+    assert np.array_equal(built.centroids, loaded.centroids)
+    filt = load_pretrained(str(ckpt))
+    q = kmer_index.encode_vectors(filt, ["rivers", "cheese"], "query")
+    for x, y in zip(built.search(q, n_probe=3), loaded.search(q, n_probe=3)):
+        assert x["codes"] == y["codes"] and np.array_equal(x["candidates"], y["candidates"])
+    # the codes equal the model's own nearest codes for each passage
+    assert np.array_equal(loaded.codes, filt.encode(TEXTS[:20])["indices"].numpy())
+    # every passage sits in exactly one inverted list, the one of its code
+    for k in range(len(loaded.centroids)):
+        members = loaded.members[loaded.offsets[k]:loaded.offsets[k + 1]]
+        assert (loaded.codes[members] == k).all()
+    kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", b, "--index", str(tmp_path / "i1"), "--append"])
+    once = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, b, "--index", str(tmp_path / "i2"),
+                            "--lists", "model"])
+    appended = kmer_index.Index.load(str(tmp_path / "i1"))
+    assert appended.ids == once.ids and np.array_equal(appended.codes, once.codes)
+    assert np.array_equal(appended.offsets, once.offsets) and np.array_equal(appended.members, once.members)
+    budget = appended.search(q, budget=0.25)
+    assert all(h["fraction_kept"] >= 0.25 for h in budget)
+    assert set(os.listdir(tmp_path / "i1")) >= {"index.json", "codes.npy", "centroids.npy", "ids.json",
+                                                 "sources.npy", "list_offsets.npy", "list_members.npy"}
+
+
+def test_corpus_lists_and_rerank_text_lookup(ckpt, tmp_path):
+    a = _corpus(tmp_path / "a.jsonl", TEXTS)
+    index = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "i"),
+                             "--num_lists", "4"])
+    assert len(index.centroids) == 4 and index.meta["lists"] == "corpus"
+    assert kmer_index.passage_texts(index, np.array([5, 0])) == [TEXTS[5], TEXTS[0]]
+
+
+def test_foreign_checkpoint_and_bad_lines_are_one_clear_error(ckpt, tmp_path, capsys):
+    a = _corpus(tmp_path / "a.jsonl", TEXTS[:8])
+    kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "i")])
+    other = load_checkpoint(str(ckpt))
+    other["base_model_state_dict"]["encoder.embed.weight"] = other["base_model_state_dict"]["encoder.embed.weight"] + 1
+    save_checkpoint(other, str(tmp_path / "other.pt"))
+    before = {n: open(tmp_path / "i" / n, "rb").read() for n in os.listdir(tmp_path / "i")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        kmer_index.main(["query", "--index", str(tmp_path / "i"), "--checkpoint", str(tmp_path / "other.pt"),
+                         "--query", "rivers"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "was built by checkpoint" in err and len(err.splitlines()) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"_id": "x1", "text": "fine"}) + "\n" + '{"_id": "x2", "text": ' + "\n")
+    with pytest.raises(SystemExit):
+        kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", str(bad), "--index", str(tmp_path / "i"),
+                         "--append"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and f"{bad}, line 2" in err
+    after = {n: open(tmp_path / "i" / n, "rb").read() for n in os.listdir(tmp_path / "i")}
+    assert after == before  # nothing already written is lost or changed
+    with pytest.raises(SystemExit):  # an existing index is not overwritten silently
+        kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "i")])
+    assert "already holds an index" in capsys.readouterr().err
