@@ -37,7 +37,7 @@ def main(argv=None):
     ap.add_argument("--run_dir", default="runs/ablation")
     ap.add_argument("--teacher_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher"))
     args = ap.parse_args(argv)
-    common = ["--teacher_cache", args.teacher_cache]
+    common = ["--teacher_cache", args.teacher_cache, "--overwrite"]  # a rerun replaces its own runs, saying so
     results = {}
     for name in args.variants.split(","):
         d = os.path.join(args.run_dir, name)

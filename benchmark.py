@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -87,14 +88,19 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile the k-mer encoder")
     ap.add_argument("--output", default="", help="also write the numbers as JSON here")
+    ap.add_argument("--teacher", default="", help="teacher path or Hub name (default: as the training scripts)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = tc.pick_device(args.device)
+    except tc.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     f = load_pretrained(args.checkpoint) if args.checkpoint else KmerFilter(KmerVQVAE())
     f.model.to(device)
     if args.compile:
         f.model.encoder = torch.compile(f.model.encoder)
-    teacher = Teacher.load(device=args.device, cache_dir=None, batch_size=args.batch_size)
+    teacher = Teacher.load(args.teacher, device=str(device), cache_dir=None, batch_size=args.batch_size)
     queries, passages = texts(args.n)
     rows = []
 

@@ -244,6 +244,9 @@ def run(args) -> dict:
         doc_ids, docs, qids, queries, qrels, titles = load_squad(args.squad_file)
         extra["squad_eval_articles"] = titles
     else:
+        if args.dataset == "beir" and not args.beir_dir:
+            raise UserError("--dataset beir needs --beir_dir FOLDER (corpus.jsonl, queries.jsonl, qrels/); "
+                            "--dataset cisi is the bundled one")
         folder = args.beir_dir or os.path.join(REPO, "data", "retrieval", "cisi")
         doc_ids, docs, qids, queries, qrels = load_beir(folder, args.split)
     index = {d: i for i, d in enumerate(doc_ids)}
@@ -323,7 +326,10 @@ def run(args) -> dict:
     report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "passages": len(docs),
               "queries": len(queries), "methods": results,
               "passages_per_s": speed, "two_stage_recall_at_10": report_two_stage, **extra}
-    json_path = os.path.join(out_dir, f"{args.dataset}_filter_eval.json")
+    # named by checkpoint and dataset: evaluations of different checkpoints or sets never overwrite each other
+    name = args.dataset if args.dataset != "beir" else os.path.basename(os.path.normpath(args.beir_dir))
+    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    json_path = os.path.join(out_dir, f"{stem}_{name}_filter_eval.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
     png_path = json_path.replace(".json", ".png")

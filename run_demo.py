@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
                     help="where the distilled Model2Vec peer is kept (distilled once, ~15-80 s)")
     args = ap.parse_args(argv)
     d, t0 = args.run_dir, time.time()
-    common = ["--teacher_cache", args.teacher_cache, "--wandb_mode", "disabled"]
+    common = ["--teacher_cache", args.teacher_cache, "--wandb_mode", "disabled", "--overwrite"]  # says so when it does
     ck1, ck1b, ck2 = (os.path.join(d, n) for n in ("kmer_vqvae_phase1.pt", "kmer_vqvae_phase1b_lora.pt",
                                                    "kmer_vqvae_phase2_aligned.pt"))
     extra = QUICK if args.quick else {"p1": [], "p1b": [], "p2": []}

@@ -92,12 +92,12 @@ PRESETS = {
     # codes: 64 codebook windows a step then reach each code as often as full's 256 windows reach
     # 1,024 (README "Keeping the codebook healthy after the k-means init")
     # demo: README "Filter quality". Word stage (1,000 steps of 256 words), then the bag stage (the
-    # blocks skipped) on 32 teacher-labelled + 32 static-target windows a step, then 600 steps with
-    # the transformer block training too. 256 codes (README "Keeping the codebook healthy").
+    # block skipped) on 32 teacher-labelled + 32 static-target windows a step, then 200 steps with the
+    # transformer block training too. 256 codes (README "Keeping the codebook healthy").
     "demo": dict(d_model=192, n_layers=1, n_heads=4, num_codes=256, batch_size=32, static_windows=32, lr=1e-3,
-                 max_steps=3600, warmup_steps=50, lexicon_steps=1000, bag_steps=2000, vq_warmup_steps=1000,
-                 kmeans_samples=6000, eval_every=600, eval_size=500, health_size=12_000, log_every=50,
-                 train_windows=3000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
+                 max_steps=3200, warmup_steps=50, lexicon_steps=1000, bag_steps=2000, vq_warmup_steps=1000,
+                 kmeans_samples=6000, eval_every=800, eval_size=500, health_size=12_000, log_every=50,
+                 train_windows=8000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
                  shuffle_buffer=2048, max_tokens_total=0, output="runs/demo/kmer_vqvae_phase1.pt"),
     "full": dict(batch_size=256, max_steps=4000, warmup_steps=200, vq_warmup_steps=300, eval_every=500,
                  eval_size=50_000, output="kmer_vqvae_phase1.pt"),
@@ -388,6 +388,9 @@ def main(cfg: Phase1Config) -> dict:
     tc.finish_distributed(model, rank)
     if rank == 0:
         print(f"wrote {out_path} (teacher texts encoded this run: {teacher.calls:,})")
+        if device.type == "cuda":
+            print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on "
+                  f"{torch.cuda.get_device_name(device)}")
     return {"metrics": metrics, "output": out_path, "teacher_calls": teacher.calls, "step": state.step,
             "tokens_seen": state.tokens_seen, "health": health}
 

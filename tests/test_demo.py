@@ -9,9 +9,9 @@ def test_quick_demo_chain(tmp_path, teacher_cache_dir, capsys):
     r = run_demo.main(["--quick", "--run_dir", str(tmp_path), "--teacher_cache", teacher_cache_dir,
                        "--model2vec_cache", os.path.join(teacher_cache_dir, "m2v")])
     for name in ("kmer_vqvae_phase1.pt", "kmer_vqvae_phase1b_lora.pt", "kmer_vqvae_phase2_aligned.pt",
-                 "cisi_filter_eval.json", "cisi_filter_eval.png"):
+                 "kmer_vqvae_phase2_aligned_cisi_filter_eval.json", "kmer_vqvae_phase2_aligned_cisi_filter_eval.png"):
         assert os.path.isfile(tmp_path / name), name
-    report = json.load(open(tmp_path / "cisi_filter_eval.json"))
+    report = json.load(open(tmp_path / "kmer_vqvae_phase2_aligned_cisi_filter_eval.json"))
     methods = report["methods"]
     # the anchors bracket the problem: exact teacher >= IVF on teacher > random codes
     assert methods["exact_teacher"]["recall_at_fraction"]["0.05"] >= methods["ivf_teacher"]["recall_at_fraction"]["0.05"]
