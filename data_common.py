@@ -63,7 +63,8 @@ def _builder(path: str) -> str:
 def _hub_error(src: Source, err: Exception | None) -> UserError:
     why = f"{type(err).__name__}" if err is not None else "offline mode (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) is set"
     return UserError(f"source '{src.name}' ({src.describe()}) could not be loaded from the Hub: {why}. "
-                     f"Offline, run with --data sample, or --data files --data_files {src.name}=PATH "
+                     f"Offline, run with --data sample --preset demo (the bundled samples), or --data files "
+                     f"--data_files {src.name}=PATH "
                      f"(a local file with columns {list(src.columns)})")
 
 

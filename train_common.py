@@ -38,7 +38,8 @@ def opt(default, help: str, **checks):
 
 @dataclass
 class CommonConfig:
-    preset: str = opt("", "named preset that sets defaults (see --help of each script)")
+    preset: str = opt("", "named preset that sets defaults: full (the default: GPU, the Hub), demo (CPU minutes, the "
+                          "bundled samples), tiny (tests)")
     data: str = opt("sample", "where text comes from", choices=("hub", "sample", "files"))
     data_files: str = opt("", "local files of the Hub schemas: name=path[,path] separated by ';'")
     output: str = opt("", "checkpoint path (latest); the best one is written beside it as *_best.pt")
@@ -99,6 +100,8 @@ def parse_config(cfg_cls, presets: dict[str, dict], argv=None, doc: str = ""):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="")
     known, _ = pre.parse_known_args(argv)
+    if not known.preset and "full" in presets:  # the bare command is the full run (the seed's Quick Start)
+        known.preset = "full"
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Defaults shown are those of the preset given: `--preset demo --help` "
                                             "lists the demo preset's.")
@@ -281,12 +284,29 @@ def start_run(cfg, default_output: str):
     device = pick_device(cfg.device)
     seed_everything(cfg.seed + rank)
     paths = output_paths(cfg, default_output)
+    if rank == 0:
+        remove_stale_temporaries(paths[0], paths[1])
     if os.path.exists(paths[0]) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{paths[0]} already exists: --resume to continue it, --overwrite true to replace it, "
                         f"or choose another --output")
     if os.path.exists(paths[0]) and cfg.overwrite and not cfg.resume and rank == 0:
         print(f"overwriting {paths[0]} (--overwrite)")
     return (rank, world, device, *paths)
+
+
+def remove_stale_temporaries(*paths: str) -> list[str]:
+    """Delete `.tmp_<name>*` files that a killed save of these checkpoints left behind (save_checkpoint
+    writes `.tmp_<name>XXXX` beside the target and renames it): they are never a valid checkpoint."""
+    removed = []
+    for path in paths:
+        folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+        if not os.path.isdir(folder):
+            continue
+        for f in os.listdir(folder):
+            if f.startswith(".tmp_" + name):
+                os.unlink(os.path.join(folder, f))
+                removed.append(f)
+    return removed
 
 
 def resume_state(ckpt: dict, optimizer, skip_data) -> "LoopState":
@@ -387,6 +407,14 @@ class LoopState:
                    skipped_nonfinite=int(r.get("skipped_nonfinite", 0)))
 
 
+def schedule_steps(state: "LoopState", total_steps: int, max_tokens: int) -> int:
+    """Where the lr schedule ends: max_steps, or sooner where the token budget will stop the run (its
+    step, estimated from the k-mers per step so far), so the decay ends where the run ends."""
+    if not max_tokens or state.step == 0 or state.tokens_seen == 0:
+        return total_steps
+    return min(total_steps, max(state.step + 1, math.ceil(max_tokens * state.step / state.tokens_seen)))
+
+
 def set_lr(optimizer, lr: float):
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
@@ -403,7 +431,7 @@ def run_training(cfg, *, optimizer, params, train_step, evaluate, save, state: L
                desc=logger.path.split(os.sep)[-2] if os.sep in logger.path else "train")
     t0, tok0, metrics = time.time(), state.tokens_seen, {}
     while state.step < total_steps and not (max_tokens and state.tokens_seen >= max_tokens):
-        set_lr(optimizer, lr_at(state.step, cfg.warmup_steps, total_steps, cfg.lr))
+        set_lr(optimizer, lr_at(state.step, cfg.warmup_steps, schedule_steps(state, total_steps, max_tokens), cfg.lr))
         with autocast(device):
             loss, logs, tokens = train_step(state.step)
         if _apply_step(cfg, loss, params, optimizer, state):

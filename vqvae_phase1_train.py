@@ -82,7 +82,7 @@ class Phase1Config(CommonConfig):
 
 
 PRESETS = {
-    "tiny": dict(d_model=32, n_layers=1, n_heads=2, num_codes=16, kmer_buckets=1024, window_size=16,
+    "tiny": dict(data="sample", d_model=32, n_layers=1, n_heads=2, num_codes=16, kmer_buckets=1024, window_size=16,
                  batch_size=16, max_steps=30, warmup_steps=5, vq_warmup_steps=10, kmeans_samples=128,
                  eval_every=10, eval_size=64, log_every=5, dead_code_every=5, shuffle_buffer=64,
                  max_tokens_total=0, health_size=64, lexicon_size=300, lexicon_teacher_words=False, lexicon_steps=5,
@@ -94,13 +94,17 @@ PRESETS = {
     # demo: README "Filter quality". Word stage (1,000 steps of 256 words), then the bag stage (the
     # block skipped) on 32 teacher-labelled + 32 static-target windows a step, then 200 steps with the
     # transformer block training too. 256 codes (README "Keeping the codebook healthy").
-    "demo": dict(d_model=192, n_layers=1, n_heads=4, num_codes=256, batch_size=32, static_windows=32, lr=1e-3,
+    "demo": dict(data="sample", d_model=192, n_layers=1, n_heads=4, num_codes=256, batch_size=32, static_windows=32, lr=1e-3,
                  max_steps=3200, warmup_steps=50, lexicon_steps=1000, bag_steps=2000, vq_warmup_steps=1000,
                  kmeans_samples=6000, eval_every=800, eval_size=500, health_size=12_000, log_every=50,
                  train_windows=8000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
                  shuffle_buffer=2048, max_tokens_total=0, output="runs/demo/kmer_vqvae_phase1.pt"),
-    "full": dict(batch_size=256, max_steps=4000, warmup_steps=200, vq_warmup_steps=300, eval_every=500,
-                 eval_size=50_000, output="kmer_vqvae_phase1.pt"),
+    # full: the demo's recipe at scale (README "Filter quality"; not yet run at this size): 2,000 word
+    # steps, 500 bag steps, then the 4 blocks train; 128 static-target windows beside every 256 labelled
+    # ones. The 200M k-mer budget ends the run near step 4,100 and the lr schedule ends with it.
+    "full": dict(data="hub", batch_size=256, static_windows=128, max_steps=6000, warmup_steps=200, lexicon_steps=2000,
+                 bag_steps=500, vq_warmup_steps=800, eval_every=500, eval_size=50_000, lexicon_size=100_000,
+                 output="kmer_vqvae_phase1.pt"),
 }
 
 
@@ -275,12 +279,13 @@ def main(cfg: Phase1Config) -> dict:
         raise UserError("--lexicon_steps/--bag_steps skip the transformer blocks, which is exact only with "
                         "residual_init 'zero'; set both to 0 to train the blocks from the start")
     state = LoopState()
-    live = None
+    live, static_skip = None, 0
     if cfg.resume and os.path.exists(out_path):
         ckpt = load_checkpoint(out_path, phases=("phase1a",))
         check_architecture(ckpt["base_config"], mcfg, out_path)
         model.load_state_dict(ckpt["base_model_state_dict"])  # the averaged weights
         live = ckpt["resume"].get("live_weights")
+        static_skip = ckpt["resume"].get("static_position", 0)
         state = tc.resume_state(ckpt, optimizer, stream.skip)
         if rank == 0:
             print(f"resuming {out_path} at step {state.step} ({state.tokens_seen:,} k-mers seen)")
@@ -301,6 +306,7 @@ def main(cfg: Phase1Config) -> dict:
     upkeep = CodebookUpkeep(cfg, model, tok, kmeans_stream, device, world, average)
     static_stream = WindowStream(lambda: docs("train", True), tok, seed=cfg.seed + 2,
                                  shuffle_buffer=cfg.shuffle_buffer, exclude=labelled)
+    static_stream.skip(static_skip)  # a resumed run continues where the killed one stopped
     # the training forward may update the codebook itself only when it runs the weights evaluated
     model.quantizer.track_batch = cfg.codebook_windows == 0 and not cfg.weight_average
     if rank == 0:
@@ -364,6 +370,7 @@ def main(cfg: Phase1Config) -> dict:
             ckpt = tc.base_checkpoint("phase1a", cfg, model.config_dict(), model.state_dict(), st, metrics,
                                       None, optimizer)
             ckpt["resume"]["live_weights"] = live
+            ckpt["resume"]["static_position"] = static_stream.position
             save_checkpoint(ckpt, out_path)
             if is_best:
                 save_checkpoint(ckpt, best_path)

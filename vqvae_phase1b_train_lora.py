@@ -52,13 +52,13 @@ class Phase1bConfig(CommonConfig):
 
 
 PRESETS = {
-    "tiny": dict(batch_size=16, max_steps=12, warmup_steps=2, eval_every=6, eval_size=48, log_every=3,
+    "tiny": dict(data="sample", batch_size=16, max_steps=12, warmup_steps=2, eval_every=6, eval_size=48, log_every=3,
                  health_size=96, shuffle_buffer=64, phase1a_checkpoint="runs/tiny/kmer_vqvae_phase1.pt",
                  output="runs/tiny/kmer_vqvae_phase1b_lora.pt"),
-    "demo": dict(batch_size=32, lr=1e-4, max_steps=200, warmup_steps=20, eval_every=100, eval_size=400,
+    "demo": dict(data="sample", batch_size=32, lr=1e-4, max_steps=200, warmup_steps=20, eval_every=100, eval_size=400,
                  health_size=5000, train_windows=1600, shuffle_buffer=1024,
                  phase1a_checkpoint="runs/demo/kmer_vqvae_phase1.pt", output="runs/demo/kmer_vqvae_phase1b_lora.pt"),
-    "full": dict(batch_size=256, lr=1e-4, max_steps=3000, warmup_steps=100, eval_every=500, eval_size=20_000,
+    "full": dict(data="hub", batch_size=256, lr=1e-4, max_steps=3000, warmup_steps=100, eval_every=500, eval_size=20_000,
                  output="kmer_vqvae_phase1b_lora.pt"),
 }
 

@@ -40,19 +40,22 @@ class Phase2Config(CommonConfig):
     eval_batch_size: int = opt(64, "pairs per in-batch eval (accuracy depends on it)", min=2)
     train_pairs: int = opt(0, "distinct training pairs, reshuffled each epoch (0 = the whole stream)", min=0)
     teacher_compare: bool = opt(True, "also report the metrics of the teacher's own embeddings")
+    pair_weight: float = opt(1.0, "weight of the symmetric InfoNCE between the pairs' queries and passages", min=0)
+    train_passage_adapter: bool = opt(False, "train the passage adapter too (false: it stays the identity, so passages "
+                                      "keep the Phase 1 vectors an index was fitted to and only queries move)")
     query_distill_weight: float = opt(1.0, "weight of a second objective: each query, through the query adapter and "
                                       "the frozen decoder, lands where the teacher puts it (centred cosine + InfoNCE; "
                                       "0 = off). Keeps the adapter general beyond the few pair sources", min=0)
 
 
 PRESETS = {
-    "tiny": dict(batch_size=8, max_steps=12, warmup_steps=2, eval_every=6, eval_size=32, eval_batch_size=8,
+    "tiny": dict(data="sample", batch_size=8, max_steps=12, warmup_steps=2, eval_every=6, eval_size=32, eval_batch_size=8,
                  log_every=3, checkpoint="runs/tiny/kmer_vqvae_phase1b_lora.pt",
                  output="runs/tiny/kmer_vqvae_phase2_aligned.pt"),
-    "demo": dict(batch_size=64, lr=1e-3, max_steps=300, warmup_steps=20, eval_every=100, eval_size=512,
+    "demo": dict(data="sample", batch_size=64, lr=1e-3, max_steps=300, warmup_steps=20, eval_every=100, eval_size=512,
                  train_pairs=4000, checkpoint="runs/demo/kmer_vqvae_phase1b_lora.pt",
                  output="runs/demo/kmer_vqvae_phase2_aligned.pt"),
-    "full": dict(batch_size=256, lr=3e-4, max_steps=5000, warmup_steps=200, eval_every=500, eval_size=4096,
+    "full": dict(data="hub", batch_size=256, lr=3e-4, max_steps=5000, warmup_steps=200, eval_every=500, eval_size=4096,
                  eval_batch_size=64, output="kmer_vqvae_phase2_aligned.pt"),
 }
 
@@ -161,7 +164,9 @@ def main(cfg: Phase2Config) -> dict:
     # 3. adapters, optimizer, resume
     adapters = QueryPassageAdapters(d_model=model.config.d_model, adapter_type=cfg.adapter_type,
                                     hidden_dim=cfg.adapter_hidden or None, dropout=cfg.adapter_dropout).to(device)
-    params = list(adapters.parameters())
+    for n, p in adapters.named_parameters():  # a frozen passage adapter stays the identity (zero output layer)
+        p.requires_grad_(cfg.train_passage_adapter or not n.startswith("passage"))
+    params = [p for p in adapters.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = LoopState()
     if cfg.resume and os.path.exists(out_path):
@@ -181,7 +186,7 @@ def main(cfg: Phase2Config) -> dict:
         batch = next(batches)
         zq = model.quantizer.project(train_adapters(enc([q for q, _ in batch]), "query"))
         zp = model.quantizer.project(train_adapters(enc([p for _, p in batch]), "passage"))
-        loss = info_nce(zq, zp, cfg.temperature)
+        loss = cfg.pair_weight * info_nce(zq, zp, cfg.temperature)
         logs = {}
         if cfg.query_distill_weight > 0:
             t = teacher.embed([q for q, _ in batch]).to(device).float() - q_center

@@ -1,0 +1,171 @@
+"""The seed's contract and the CLI surface: the lr schedule ends where the run ends, stale temporary
+files go, nothing is overwritten silently, --help is clean, and bad flags are one line."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train_common as tc
+import vqvae_phase1_train as p1
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_schedule_ends_where_the_token_budget_stops_the_run():
+    st = tc.LoopState()
+    assert tc.schedule_steps(st, 4000, 10_000) == 4000  # nothing seen yet: max_steps
+    st.step, st.tokens_seen = 100, 50_000  # 500 k-mers a step: a 1.5M budget stops the run at step 3,000
+    assert tc.schedule_steps(st, 4000, 1_500_000) == 3000
+    assert tc.schedule_steps(st, 4000, 0) == 4000  # no budget: max_steps
+    assert tc.schedule_steps(st, 2000, 1_500_000) == 2000  # max_steps comes first
+    lr_end = tc.lr_at(2999, 100, tc.schedule_steps(st, 4000, 1_500_000), 1e-3)
+    assert lr_end == pytest.approx(1e-4, rel=1e-3)  # the last step of the run is at the floor (0.1 x peak)
+
+
+def test_a_run_removes_its_own_stale_temporaries_and_refuses_to_overwrite(tmp_path, teacher_cache_dir):
+    out = tmp_path / "p1.pt"
+    for stale in (".tmp_p1.ptab12", ".tmp_p1_best.ptcd34"):
+        (tmp_path / stale).write_bytes(b"half a checkpoint")
+    (tmp_path / ".tmp_other.pt99").write_bytes(b"not ours")
+    cfg = lambda *extra: tc.parse_config(p1.Phase1Config, p1.PRESETS, ["--preset", "tiny", "--output", str(out),
+                                                                        "--teacher_cache", teacher_cache_dir,
+                                                                        "--max_steps", "12", *extra])
+    p1.main(cfg())
+    left = sorted(f for f in os.listdir(tmp_path) if f.startswith(".tmp_"))
+    assert left == [".tmp_other.pt99"]  # another output's files are not ours to delete
+    before = out.read_bytes()
+    with pytest.raises(tc.UserError, match="already exists"):
+        p1.main(cfg())
+    assert out.read_bytes() == before
+    p1.main(cfg("--overwrite"))  # said explicitly: replaced
+
+
+def test_help_is_clean_and_mentions_preset_defaults():
+    out = subprocess.run([sys.executable, "vqvae_phase1_train.py", "--preset", "demo", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "{," not in out and "[RESUME]" not in out and "--resume [true|false]" in out
+    assert "(default: <output>_run) (default" not in out
+    assert "--preset demo --help" in out
+    assert "(default: 3200)" in out  # the demo preset's max_steps, not the dataclass default
+
+
+def test_eval_beir_without_folder_is_refused():
+    r = subprocess.run([sys.executable, "eval_filter.py", "--checkpoint", "x.pt", "--dataset", "beir"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --dataset beir needs --beir_dir")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Maths that a breakage must not survive (each test names the breakage it catches)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from vqvae_phase1_model import KmerVQVAEConfig, VectorQuantizer  # noqa: E402
+
+
+def test_phase2_info_nce_is_both_directions():
+    """Catches InfoNCE computed in one direction only."""
+    import vqvae_phase2_train_adapters as p2
+    torch.manual_seed(0)
+    q, p = torch.randn(5, 8), torch.randn(5, 8)
+    logits = F.normalize(q, dim=-1) @ F.normalize(p, dim=-1).T / 0.07
+    t = torch.arange(5)
+    want = 0.5 * (F.cross_entropy(logits, t) + F.cross_entropy(logits.T, t))
+    assert float(p2.info_nce(q, p, 0.07)) == pytest.approx(float(want), rel=1e-6)
+    assert abs(float(F.cross_entropy(logits, t)) - float(F.cross_entropy(logits.T, t))) > 1e-3  # directions differ
+
+
+def test_inbatch_accuracies_use_their_own_axis():
+    """Catches p2q_acc computed along the q2p axis."""
+    import vqvae_phase2_train_adapters as p2
+    # q0 is nearest p0 and q1 nearest p0 too: q2p = 1/2; p0's nearest query is q0, p1's nearest is q1: p2q = 1
+    q = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    m = p2.inbatch_metrics(q, p)
+    assert m["q2p_acc"] == pytest.approx(0.5) and m["p2q_acc"] == pytest.approx(1.0)
+
+
+def _vq(K=16, d=8, **kw):
+    return VectorQuantizer(KmerVQVAEConfig(d_model=d, num_codes=K, center_codes=False, **kw)).train()
+
+
+def test_dead_code_threshold_is_relative_to_the_expected_usage():
+    """Catches an absolute threshold: at B=256, K=16 a code used once a step is dead at threshold 0.1
+    (0.1 x 256/16 = 1.6), though 1 > 0.1."""
+    q = _vq()
+    q.initialized.fill_(True)
+    q.ema_count.fill_(16.0)
+    q.ema_count[3] = 1.0
+    n = q.restart_dead_codes(torch.randn(64, 8), batch_size=256, threshold=0.1,
+                             generator=torch.Generator().manual_seed(0))
+    assert n == 1 and float(q.ema_count[3]) == 16.0
+
+
+def test_restart_resets_the_codes_ema_sum():
+    """Catches a restart that leaves the code's EMA sum stale: the next EMA step would drag it back."""
+    q = _vq()
+    q.initialized.fill_(True)
+    q.ema_count.fill_(2.0)
+    q.ema_count[5] = 0.0
+    q.ema_sum[5] = 100.0
+    q.restart_dead_codes(torch.randn(64, 8), batch_size=32, threshold=0.1, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(q.ema_sum[5], q.codebook[5] * q.ema_count[5])
+
+
+def test_diversity_gradient_spreads_the_assignment():
+    """Catches a flipped sign of the diversity loss's gradient: a step down its gradient must raise the
+    entropy of the batch's mean soft assignment."""
+    torch.manual_seed(0)
+    q = _vq()
+    q.initialized.fill_(True)
+    z = (q.codebook.detach()[0] + 0.3 * torch.randn(64, 8)).requires_grad_(True)  # crowded near code 0
+    q.avg_probs.copy_(q._logits(q.similarity(q.project(z.detach()))).softmax(-1).mean(0))
+
+    def entropy(x):
+        p = q._logits(q.similarity(q.project(x))).softmax(-1).mean(0)
+        return float(-(p * p.clamp(min=1e-12).log()).sum())
+    out = q(z)
+    out["diversity_loss"].backward()
+    stepped = (z - 0.5 * z.grad / z.grad.norm()).detach()
+    assert entropy(stepped) > entropy(z.detach()) + 1e-4
+
+
+def test_commitment_pulls_the_encoder_not_the_codebook():
+    """Catches a commitment loss that moves the codebook: in EMA mode its gradient reaches z only,
+    and equals that of w * ||zc - sg(zq)||^2."""
+    torch.manual_seed(0)
+    q = _vq(commitment_weight=0.25)
+    q.initialized.fill_(True)
+    z = torch.randn(4, 8, requires_grad=True)
+    out = q(z)
+    out["commit_loss"].backward()
+    assert q.codebook.grad is None
+    z2 = z.detach().clone().requires_grad_(True)
+    zc = q.project(z2)
+    (0.25 * F.mse_loss(zc, q.decode_indices(out["indices"]).detach())).backward()
+    assert torch.allclose(z.grad, z2.grad, atol=1e-6)
+
+
+def test_kmeans_init_counts_are_a_per_step_rate():
+    """Catches k-means counts left as totals: EMA counts are per step, so they must sum to the batch."""
+    q = _vq()
+    q.init_from_samples(torch.randn(640, 8), batch_size=32, iters=3)
+    assert float(q.ema_count.sum()) == pytest.approx(32.0, rel=1e-5)
+    assert torch.allclose(q.ema_sum, q.codebook * q.ema_count[:, None], atol=1e-5)
+
+
+def test_bare_commands_are_the_full_runs_and_say_how_to_go_offline(tmp_path):
+    """The seed's Quick Start: a bare command is the full run (Hub data); offline it is one line."""
+    cfg = tc.parse_config(p1.Phase1Config, p1.PRESETS, [])
+    assert cfg.preset == "full" and cfg.data == "hub" and cfg.max_tokens_total == 200_000_000
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, os.path.join(REPO, "vqvae_phase1_train.py")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: source")
+    assert "--data sample --preset demo" in err[0] and "--data files" in err[0]
+    assert not os.listdir(tmp_path)  # nothing written
