@@ -60,12 +60,34 @@ def _builder(path: str) -> str:
     raise UserError(f"cannot tell the format of {path}: use .jsonl/.json(.gz), .parquet, .csv or .txt/.raw")
 
 
-def _hub_error(src: Source, err: Exception | None) -> UserError:
-    why = f"{type(err).__name__}" if err is not None else "offline mode (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) is set"
+def _hub_error(src: Source, err: Exception | str | None) -> UserError:
+    why = err if isinstance(err, str) else f"{type(err).__name__}" if err is not None \
+        else "offline mode (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) is set"
     return UserError(f"source '{src.name}' ({src.describe()}) could not be loaded from the Hub: {why}. "
                      f"Offline, run with --data sample --preset demo (the bundled samples), or --data files "
                      f"--data_files {src.name}=PATH "
                      f"(a local file with columns {list(src.columns)})")
+
+
+_HUB_REACHABLE: dict[str, str | None] = {}
+
+
+def _hub_unreachable() -> str | None:
+    """One quick connection to the Hub's endpoint (3 s, once per process) before streaming: without the
+    offline variables the datasets client retries for ~25 s, printing a line each time, before failing.
+    -> why it is unreachable, or None."""
+    if "why" not in _HUB_REACHABLE:
+        import socket
+        from urllib.parse import urlparse
+        from huggingface_hub import constants
+        url = urlparse(constants.ENDPOINT)
+        host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((host, port), timeout=3).close()
+            _HUB_REACHABLE["why"] = None
+        except OSError as e:
+            _HUB_REACHABLE["why"] = f"{host}:{port} is unreachable ({type(e).__name__})"
+    return _HUB_REACHABLE["why"]
 
 
 def _offline() -> bool:
@@ -83,6 +105,8 @@ def load_records(src: Source, split: str, mode: str, files: dict[str, list[str]]
                             f"HF_TOKEN, or use the ungated alternative {src.alternative}")
         if _offline():
             raise _hub_error(src, None)
+        if _hub_unreachable():
+            raise _hub_error(src, _hub_unreachable())
         try:
             ds = datasets.load_dataset(src.hub_id, src.config, split=src.splits[split], streaming=streaming,
                                        **src.hub_kwargs)

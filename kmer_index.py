@@ -65,22 +65,22 @@ def read_corpus(path: str, file_no: int = 0, batch: int = 512):
         yield out
 
 
-def _save_npy(folder: str, name: str, arr: np.ndarray):
+def _write_atomic(folder: str, name: str, write):
+    """write(file) into .tmp_<name>, fsync, then rename over <name>: a crash leaves the old file."""
     tmp = os.path.join(folder, f".tmp_{name}")
     with open(tmp, "wb") as f:
-        np.save(f, arr)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(folder, name))
+
+
+def _save_npy(folder: str, name: str, arr: np.ndarray):
+    _write_atomic(folder, name, lambda f: np.save(f, arr))
 
 
 def _save_json(folder: str, name: str, obj):
-    tmp = os.path.join(folder, f".tmp_{name}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, name))
+    _write_atomic(folder, name, lambda f: f.write(json.dumps(obj).encode("utf-8")))
 
 
 def inverted_lists(codes: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:

@@ -143,6 +143,24 @@ class QueryPassageAdapters(nn.Module):
         self.query = QueryAdapter(d_model, hidden_dim, dropout)
         self.passage = PassageAdapter(d_model, hidden_dim, dropout) if adapter_type == "dual" else None
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "QueryPassageAdapters":
+        """The adapters a Phase 2 checkpoint holds, built from its own config and loaded."""
+        adapters = cls(**ckpt["adapter_config"])
+        adapters.load_state_dict(ckpt["adapter_state_dict"])
+        return adapters
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, but adapters built with another size or type are one clear line."""
+        mine = self.state_dict()
+        shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+        if strict and (set(shapes) != set(mine) or any(shapes[k] != tuple(mine[k].shape) for k in mine)):
+            width = next((v[-1] for k, v in shapes.items() if k.endswith("weight")), "?")
+            raise ValueError(f"these adapter weights were saved for another adapter config (e.g. width {width}), "
+                             f"not {self.config}: build them with QueryPassageAdapters(**ckpt['adapter_config']) "
+                             f"or QueryPassageAdapters.from_checkpoint(ckpt)")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def forward(self, z: torch.Tensor, role: str) -> torch.Tensor:
         if role == "query" or self.passage is None:
             return self.query(z)

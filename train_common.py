@@ -126,13 +126,16 @@ def parse_config(cfg_cls, presets: dict[str, dict], argv=None, doc: str = ""):
 def run_main(main, cfg_cls, presets, doc, argv=None):
     """Script entry: parse, run, turn user mistakes into one line and exit code 2."""
     cfg = parse_config(cfg_cls, presets, argv, doc)
+    first = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank meets the same error: say it once
     try:
         return main(cfg)
     except (UserError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if first:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
+        if first:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
 
 

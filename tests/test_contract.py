@@ -169,3 +169,19 @@ def test_bare_commands_are_the_full_runs_and_say_how_to_go_offline(tmp_path):
     assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: source")
     assert "--data sample --preset demo" in err[0] and "--data files" in err[0]
     assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_unreachable_hub_is_one_line_at_once(tmp_path):
+    """Without the offline variables, an unreachable Hub is one line within seconds, not ~25 s of retries.
+    The endpoint is a closed port on this machine's loopback."""
+    import time
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    t0 = time.time()
+    r = subprocess.run([sys.executable, os.path.join(REPO, "vqvae_phase1_train.py"), "--preset", "tiny", "--data", "hub",
+                        "--output", str(tmp_path / "p1.pt")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    err = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
+    assert "127.0.0.1:9 is unreachable" in err[0] and "--data sample --preset demo" in err[0]
+    assert time.time() - t0 < 60  # imports included; the check itself is one refused connection

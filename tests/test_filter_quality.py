@@ -31,7 +31,7 @@ def test_centred_cosine_loss_compares_offsets_from_the_centre(tiny_model):
     dec = out["decoded_e"]
     expected = (1 - F.cosine_similarity(dec - c, t - c, dim=-1)).mean()
     assert float(out["loss"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
-    assert float(out["cos_e"]) == pytest.approx(float(F.cosine_similarity(dec, t, dim=-1).mean()), rel=1e-5)
+    assert float(out["cos_e"]) == pytest.approx(float(F.cosine_similarity(dec, t, dim=-1).mean().detach()), rel=1e-5)
     both = tiny_model(b["input_ids"], b["attention_mask"], teacher=t, target_center=c, contrastive_weight=0.5)
     assert float(both["loss"]) == pytest.approx(float(expected + 0.5 * info_nce(dec - c, t - c, 0.05)), rel=1e-5)
 

@@ -129,3 +129,26 @@ def test_phase1a_checkpoint_holds_the_weight_average_and_the_live_weights(chain)
     assert "quantizer.codebook" not in live and "encoder.embed.weight" in live
     assert set(live) <= set(avg)
     assert any(not torch.equal(live[n], avg[n]) for n in live)  # the model saved is the average
+
+
+def test_seed_snippet_verbatim_on_a_phase2_checkpoint(chain):
+    """The seed's inference snippet, as written, on a Phase 2 checkpoint written by the script: it leaves
+    every tensor unchanged and its codes equal load_pretrained's; a wrongly sized adapter is one line."""
+    from lora_adapters import QueryPassageAdapters
+    path = str(chain["dir"] / "p2.pt")
+    ckpt = torch.load(path, weights_only=True)
+    model = KmerVQVAE(**ckpt["base_config"]); model.load_state_dict(ckpt["base_model_state_dict"])  # noqa: E702
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    texts = ["what is a coarse quantiser?", "a passage about rivers, lakes and the sea"]
+    batch = model.tokenizer()(texts)
+    for _ in range(5):
+        out = model.encode(batch["input_ids"], batch["attention_mask"], batch["text_index"], batch["num_texts"])
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    f = load_pretrained(path)
+    assert torch.equal(out["indices"], f.encode(texts)["indices"])
+    adapters = QueryPassageAdapters.from_checkpoint(ckpt)
+    via = model.encode(batch["input_ids"], batch["attention_mask"], batch["text_index"], batch["num_texts"],
+                       adapter=adapters, role="query")
+    assert torch.equal(via["indices"], f.encode(texts, role="query")["indices"])
+    with pytest.raises(ValueError, match=r"QueryPassageAdapters\(\*\*ckpt\['adapter_config'\]\)"):
+        QueryPassageAdapters(d_model=384).load_state_dict(ckpt["adapter_state_dict"])  # tiny model: d_model 32
