@@ -144,9 +144,12 @@ def encode_vectors(filt, texts: list[str], role: str) -> np.ndarray:
 
 
 def build(args) -> Index:
-    """Encode every passage (the Phase 2 passage adapter when there is one) and assign its list."""
+    """Encode every passage (the Phase 2 passage adapter when there is one) and assign its list. Passages
+    stream from disk; with lists fitted to the corpus their vectors wait in a float16 file on disk (not in
+    memory) while k-means fits on up to --fit_sample of them, then are assigned chunk by chunk."""
     from tqdm.auto import tqdm
     from vqvae_phase1_model import CheckpointError, load_pretrained, spherical_kmeans
+    import torch
     try:
         filt = load_pretrained(args.checkpoint)
     except CheckpointError as e:
@@ -156,33 +159,48 @@ def build(args) -> Index:
     if not args.append and os.path.isfile(os.path.join(args.index, "index.json")) and not args.overwrite:
         raise UserError(f"{args.index} already holds an index: pass --append to add passages, or --overwrite")
     files = (old.meta["corpus_files"] if old else []) + [os.path.abspath(c) for c in args.corpus]
-    vecs, ids, sources = [], [], []
-    with tqdm(desc="encoding passages", unit=" passages") as bar:  # closed (its line ended) before any error
-        for c in args.corpus:
-            for chunk in read_corpus(c, files.index(os.path.abspath(c)), args.batch_size):
-                vecs.append(encode_vectors(filt, [t for _, t, _ in chunk], "passage"))
-                ids += [i for i, _, _ in chunk]
-                sources += [s for _, _, s in chunk]
-                bar.update(len(chunk))
-    if not ids:
-        raise UserError(f"no passages in {', '.join(args.corpus)}")
-    V = np.concatenate(vecs)
-    if old is not None:
-        centroids = old.centroids
-    elif args.lists == "model":
+    centroids = old.centroids if old is not None else None
+    if centroids is None and args.lists == "model":
         centroids = filt.model.quantizer._codes().detach().numpy().astype(np.float32)
-    else:
-        import torch
-        K = min(args.num_lists or filt.model.config.num_codes, len(V))
-        centroids = spherical_kmeans(torch.from_numpy(V), K, seed=args.seed)[0].numpy()
-    codes = (V @ centroids.T).argmax(1).astype(np.int32)
+    os.makedirs(args.index, exist_ok=True)
+    spool = os.path.join(args.index, ".tmp_vectors.f16")  # corpus lists: vectors wait here, not in memory
+    ids, sources, codes, dim = [], [], [], 0
+    try:
+        with open(spool, "wb") as sp, tqdm(desc="encoding passages", unit=" passages") as bar:
+            for c in args.corpus:  # the bar's line ends before any error line
+                for chunk in read_corpus(c, files.index(os.path.abspath(c)), args.batch_size):
+                    v = encode_vectors(filt, [t for _, t, _ in chunk], "passage")
+                    dim = v.shape[1]
+                    if centroids is not None:
+                        codes.append((v @ centroids.T).argmax(1).astype(np.int32))
+                    else:
+                        sp.write(v.astype(np.float16).tobytes())
+                    ids += [i for i, _, _ in chunk]
+                    sources += [s for _, _, s in chunk]
+                    bar.update(len(chunk))
+        if not ids:
+            raise UserError(f"no passages in {', '.join(args.corpus)}")
+        if centroids is None:
+            V = np.memmap(spool, dtype=np.float16, mode="r", shape=(len(ids), dim))
+            rng = np.random.default_rng(args.seed)
+            fit = np.sort(rng.choice(len(ids), min(len(ids), args.fit_sample), replace=False))
+            K = min(args.num_lists or filt.model.config.num_codes, len(fit))
+            centroids = spherical_kmeans(torch.from_numpy(np.asarray(V[fit], dtype=np.float32)), K,
+                                         seed=args.seed)[0].numpy()
+            codes = [(np.asarray(V[i:i + 65536], dtype=np.float32) @ centroids.T).argmax(1).astype(np.int32)
+                     for i in range(0, len(ids), 65536)]
+            del V
+    finally:
+        if os.path.exists(spool):
+            os.unlink(spool)
+    codes = np.concatenate(codes)
     meta = {"format": INDEX_FORMAT, "checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": sha,
             "lists": old.meta["lists"] if old else args.lists, "num_lists": int(len(centroids)),
             "corpus_files": files, "role": "passage" if filt.adapters is not None else None}
+    sources = np.asarray(sources, dtype=np.int64).reshape(-1, 2)
     if old is not None:
-        codes = np.concatenate([old.codes, codes])
-        ids, sources = old.ids + ids, np.concatenate([old.sources, np.array(sources, dtype=np.int64)])
-    index = Index(meta, centroids, codes, ids, np.asarray(sources, dtype=np.int64).reshape(-1, 2))
+        codes, ids, sources = np.concatenate([old.codes, codes]), old.ids + ids, np.concatenate([old.sources, sources])
+    index = Index(meta, centroids, codes, ids, sources)
     index.save(args.index)
     return index
 
@@ -250,6 +268,7 @@ def main(argv=None):
     b.add_argument("--append", action="store_true", help="add passages to an existing index (same lists)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index")
     b.add_argument("--batch_size", type=int, default=512)
+    b.add_argument("--fit_sample", type=int, default=100_000, help="passages k-means fits the lists on (corpus lists)")
     b.add_argument("--seed", type=int, default=0)
     q = sub.add_parser("query", help="candidate passages for queries")
     q.add_argument("--index", required=True)

@@ -68,6 +68,12 @@ def test_corpus_lists_and_rerank_text_lookup(ckpt, tmp_path):
                              "--num_lists", "4"])
     assert len(index.centroids) == 4 and index.meta["lists"] == "corpus"
     assert kmer_index.passage_texts(index, np.array([5, 0])) == [TEXTS[5], TEXTS[0]]
+    # lists fitted on a sample; every passage (spooled to disk, float16) goes to its nearest list
+    small = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "j"),
+                             "--num_lists", "4", "--fit_sample", "10", "--batch_size", "7"])
+    v = kmer_index.encode_vectors(load_pretrained(str(ckpt)), TEXTS, "passage").astype(np.float16).astype(np.float32)
+    assert np.array_equal(small.codes, (v @ small.centroids.T).argmax(1))
+    assert not [f for f in os.listdir(tmp_path / "j") if f.startswith(".tmp_")]
 
 
 def test_foreign_checkpoint_and_bad_lines_are_one_clear_error(ckpt, tmp_path, capsys):
