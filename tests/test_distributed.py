@@ -38,3 +38,16 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path, teacher_cache
               {**env, "KMER_DUMP_RANK_STATE": str(tmp_path / "ranks2")})
     _same_on_every_rank(tmp_path / "ranks2")
     assert load_pretrained(str(tmp_path / "p2.pt")).adapters is not None
+
+
+def test_a_user_error_under_torchrun_is_printed_once(tmp_path):
+    """Every rank meets the same mistake; only rank 0 says it, and every rank exits with code 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "KMER_DDP_BACKEND": "gloo",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "vqvae_phase1_train.py", "--preset", "tiny", "--device", "cpu", "--data", "hub",
+           "--output", str(tmp_path / "p1.pt")]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    ours = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert r.returncode != 0 and len(ours) == 1 and "--data sample --preset demo" in ours[0]
+    assert "exitcode  : 2" in r.stderr or "exit code 2" in r.stderr.lower() or r.returncode == 2
