@@ -271,9 +271,32 @@ def base_checkpoint(phase: str, cfg, model_config: dict, base_state: dict, state
         "step": state.step, "tokens_seen": state.tokens_seen, "parent_checkpoint": parent,
         "versions": library_versions(),
         "resume": {"optimizer": optimizer.state_dict() if optimizer is not None else None,
-                   "torch_rng": torch.get_rng_state(), "data_position": state.data_position,
+                   "torch_rng": torch.get_rng_state(), "rng": rng_state(), "data_position": state.data_position,
                    "best": state.best, "skipped_nonfinite": state.skipped_nonfinite},
     }
+
+
+def rng_state() -> dict:
+    """Every random generator a run draws from (torch CPU and CUDA, numpy, Python), as plain tensors and
+    numbers so the checkpoint still loads with weights_only=True."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    out = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+           "numpy_pos": int(np_pos), "numpy_gauss": [int(np_has_gauss), float(np_gauss)],
+           "python": torch.tensor(py_internal, dtype=torch.int64), "python_version": int(py_version),
+           "python_gauss": py_gauss}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], s["numpy_gauss"][0],
+                         s["numpy_gauss"][1]))
+    random.setstate((s["python_version"], tuple(int(x) for x in s["python"].tolist()), s["python_gauss"]))
+    if "cuda" in s and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def parent_record(path: str) -> dict:
@@ -315,7 +338,10 @@ def remove_stale_temporaries(*paths: str) -> list[str]:
 def resume_state(ckpt: dict, optimizer, skip_data) -> "LoopState":
     """Restore optimizer, RNG and loop counters from a checkpoint; fast-forward the data."""
     optimizer.load_state_dict(ckpt["resume"]["optimizer"])
-    torch.set_rng_state(ckpt["resume"]["torch_rng"])
+    if "rng" in ckpt["resume"]:  # every generator; older checkpoints saved torch's CPU one only
+        set_rng_state(ckpt["resume"]["rng"])
+    else:
+        torch.set_rng_state(ckpt["resume"]["torch_rng"])
     state = LoopState.from_checkpoint(ckpt)
     skip_data(state.data_position)
     return state

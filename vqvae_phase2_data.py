@@ -120,7 +120,7 @@ class PairBatcher:
                  pool_size: int = 0):
         self.pairs_fn, self.batch_size, self.pool_size = pairs, batch_size, pool_size
         self.rng = np.random.default_rng(seed)
-        self.position, self.waiting = 0, []
+        self.position, self.waiting, self.batches = 0, [], 0  # pairs read, pairs deferred, batches given
         self._it = self._source()
 
     def _source(self):
@@ -162,7 +162,17 @@ class PairBatcher:
         self.waiting = keep + list(candidates)
         if not batch:
             raise StopIteration
+        self.batches += 1
         return batch
+
+    def skip_batches(self, n: int):
+        """Replay n batches (text only, no model work): the deferred pairs come back exactly as they were,
+        which a skip of the pair stream alone would lose."""
+        while self.batches < n:
+            try:
+                next(self)
+            except StopIteration:
+                break
 
     def skip(self, n: int):
         while self.position < n:

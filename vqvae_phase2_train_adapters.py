@@ -172,7 +172,9 @@ def main(cfg: Phase2Config) -> dict:
     if cfg.resume and os.path.exists(out_path):
         ckpt = load_checkpoint(out_path, phases=("phase2",))
         adapters.load_state_dict(ckpt["adapter_state_dict"])
-        state = tc.resume_state(ckpt, optimizer, batches.skip)
+        drawn = ckpt["resume"].get("batches_drawn")  # older checkpoints: the pair position only
+        state = tc.resume_state(ckpt, optimizer, batches.skip if drawn is None else
+                                lambda _: batches.skip_batches(drawn))
     train_adapters = torch.nn.parallel.DistributedDataParallel(adapters) if world > 1 else adapters
     logger = tc.RunLogger(cfg, run_dir, "phase2", rank)
     before = evaluate_pairs(model, adapters, enc, held, cfg.eval_batch_size, teacher_emb)
@@ -204,6 +206,7 @@ def main(cfg: Phase2Config) -> dict:
         st.data_position = batches.position
         ckpt = tc.base_checkpoint("phase2", cfg, parent["base_config"], parent["base_model_state_dict"], st,
                                   {**metrics, "before": before}, tc.parent_record(cfg.checkpoint), optimizer)
+        ckpt["resume"]["batches_drawn"] = batches.batches
         ckpt["adapter_config"] = dict(adapters.config)
         ckpt["adapter_state_dict"] = {k: v.detach().clone() for k, v in adapters.state_dict().items()}
         for key in ("lora_config", "lora_state_dict"):

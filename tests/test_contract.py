@@ -185,3 +185,19 @@ def test_unreachable_hub_is_one_line_at_once(tmp_path):
     assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
     assert "127.0.0.1:9 is unreachable" in err[0] and "--data sample --preset demo" in err[0]
     assert time.time() - t0 < 60  # imports included; the check itself is one refused connection
+
+
+def test_checkpoint_rng_state_restores_every_generator(tmp_path):
+    """Resume restores torch, numpy and Python RNGs (CUDA's too where present), through weights_only."""
+    import random
+
+    import numpy as np
+    from vqvae_phase1_model import save_checkpoint
+    tc.seed_everything(3)
+    torch.randn(5), np.random.rand(3), random.random()  # move every generator somewhere
+    save_checkpoint({"rng": tc.rng_state()}, str(tmp_path / "r.pt"))
+    first = (torch.randn(4), np.random.rand(4), [random.random() for _ in range(4)], np.random.randn(2))
+    tc.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    again = (torch.randn(4), np.random.rand(4), [random.random() for _ in range(4)], np.random.randn(2))
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert first[2] == again[2] and np.array_equal(first[3], again[3])

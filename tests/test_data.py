@@ -178,3 +178,18 @@ def test_window_stream_skips_empty_documents_and_excluded_windows():
     s = WindowStream(lambda: iter(docs), tok, shuffle_buffer=1, min_chars=8, exclude={windows[0]})
     got = s.take(100)
     assert sorted(got) == sorted(windows[1:])  # a first document with no window does not end the stream
+
+
+def test_pair_batcher_resume_keeps_the_deferred_pairs():
+    """A resumed Phase 2 replays its batches: pairs deferred as in-batch duplicates are not lost."""
+    pairs = [(f"q{i}", f"p{i // 3}") for i in range(60)]  # each passage 3 times in a row: pairs wait
+    a = PairBatcher(lambda: iter(pairs), batch_size=4)
+    first = [next(a) for _ in range(5)]
+    assert a.waiting  # something is waiting at the kill
+    rest = list(a)
+    b = PairBatcher(lambda: iter(pairs), batch_size=4)
+    b.skip_batches(5)
+    assert list(b) == rest
+    old = PairBatcher(lambda: iter(pairs), batch_size=4)
+    old.skip(sum(len(x) for x in first))  # the pair position alone: the waiting pairs are gone
+    assert list(old) != rest
