@@ -492,8 +492,10 @@ def run_training(cfg, *, optimizer, params, train_step, evaluate, save, state: L
 
 
 def _apply_step(cfg, loss, params, optimizer, state) -> bool:
-    """Backward, clip, optimizer step; a NaN/inf loss or gradient is skipped (or stops the run)."""
-    if not torch.isfinite(loss):
+    """Backward, clip, optimizer step; a NaN/inf loss or gradient is skipped (or stops the run). Under DDP
+    the skip is decided by all ranks together: a rank that skipped alone would leave the others waiting
+    in the gradient all-reduce for ever."""
+    if not all_ranks(bool(torch.isfinite(loss)), loss.device):
         _skip_nonfinite("loss", loss, state, cfg, optimizer)
         return False
     loss.backward()
@@ -505,6 +507,15 @@ def _apply_step(cfg, loss, params, optimizer, state) -> bool:
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
     return True
+
+
+def all_ranks(flag: bool, device=None) -> bool:
+    """True only if `flag` is true on every rank (one all-reduce; the flag itself in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item() > 0)
+    return flag
 
 
 def _skip_nonfinite(what, value, state, cfg, optimizer):

@@ -371,6 +371,17 @@ def _all_mean_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _on_every_rank(flag: bool) -> bool:
+    """True only if `flag` holds on every rank: an early return before a collective must be taken by all."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([1.0 if flag else 0.0])
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item() > 0)
+    return flag
+
+
 def _broadcast_(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.broadcast(t, src=0)
@@ -596,8 +607,8 @@ class VectorQuantizer(nn.Module):
         """Re-seed codes whose EMA usage < threshold * B/K from recent encoder outputs."""
         expected = batch_size / self.K
         dead = self.ema_count < threshold * expected
-        n = int(dead.sum())
-        if n == 0 or z_recent.shape[0] == 0:
+        n = int(dead.sum())  # the same on every rank: the EMA counts are all-reduced
+        if n == 0 or not _on_every_rank(z_recent.shape[0] > 0):  # decided together: the broadcasts below
             return 0
         zc = self.project(z_recent)
         pick = torch.randint(zc.shape[0], (n,), generator=generator).to(zc.device)

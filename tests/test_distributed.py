@@ -51,3 +51,42 @@ def test_a_user_error_under_torchrun_is_printed_once(tmp_path):
     ours = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert r.returncode != 0 and len(ours) == 1 and "--data sample --preset demo" in ours[0]
     assert "exitcode  : 2" in r.stderr or "exit code 2" in r.stderr.lower() or r.returncode == 2
+
+
+NAN_SCRIPT = r'''
+import os, sys, dataclasses
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+sys.path.insert(0, {repo!r})
+import train_common as tc
+
+def work(rank, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29541")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = dataclasses.make_dataclass("C", [("grad_clip", float, 1.0), ("skip_nonfinite", int, 5)])()
+    state = tc.LoopState()
+    for step in range(4):
+        loss = model(torch.ones(2, 4)).sum()
+        if rank == 1 and step == 1:
+            loss = loss * float("nan")  # only this rank sees it
+        tc._apply_step(cfg, loss, list(model.parameters()), opt, state)
+    torch.save({{"w": model.module.weight.detach(), "skipped": state.skipped_nonfinite}}, f"{{out}}/rank{{rank}}.pt")
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(sys.argv[1],), nprocs=2)
+'''
+
+
+def test_a_nan_on_one_rank_is_skipped_by_all_ranks(tmp_path):
+    """One rank's NaN loss: every rank skips that step together (no rank waits alone in the all-reduce)."""
+    script = tmp_path / "nan_one_rank.py"
+    script.write_text(NAN_SCRIPT.format(repo=REPO))
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["skipped"] == b["skipped"] == 1
+    assert torch.equal(a["w"], b["w"])
