@@ -124,8 +124,9 @@ def main(cfg: Phase1bConfig) -> dict:
     state = LoopState()
     if cfg.resume and os.path.exists(out_path):
         ckpt = load_checkpoint(out_path, phases=("phase1b",))
-        model.load_state_dict({**model.state_dict(), **ckpt["lora_state_dict"],
-                               "quantizer.codebook": ckpt["base_model_state_dict"]["quantizer.codebook"]})
+        quantizer = {k: v for k, v in ckpt["base_model_state_dict"].items() if k.startswith("quantizer.")}
+        model.load_state_dict({**model.state_dict(), **ckpt["lora_state_dict"], **quantizer})  # with --codebook
+        # grad the centring mean and usage move too: all the quantiser's state comes back, not only the codebook
         state = tc.resume_state(ckpt, optimizer, stream.skip)
         before = ckpt["metrics"].get("before", before)
     train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model

@@ -175,3 +175,39 @@ def test_phase2_kill_9_then_resume_gives_the_same_adapters(tmp_path, teacher_cac
         # texts in other batch shapes (its cache starts empty), which moves the last bits, never more
         assert torch.allclose(a["adapter_state_dict"][k], b["adapter_state_dict"][k], rtol=0, atol=2e-5), \
             (k, float((a["adapter_state_dict"][k] - b["adapter_state_dict"][k]).abs().max()))
+
+
+def test_phase1b_codebook_grad_kill_9_then_resume_gives_the_same_tensors(tmp_path, teacher_cache_dir):
+    """Phase 1b with a trained codebook, killed and resumed: LoRA, codebook and the quantiser's running
+    state (centring mean, usage) equal an uninterrupted run's."""
+    import vqvae_phase1_train as p1
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    ck1 = tmp_path / "p1.pt"
+    p1.main(tc.parse_config(p1.Phase1Config, p1.PRESETS, ["--preset", "tiny", "--output", str(ck1),
+                                                          "--teacher_cache", teacher_cache_dir]))
+    base = [sys.executable, "vqvae_phase1b_train_lora.py", "--preset", "tiny", "--phase1a_checkpoint", str(ck1),
+            "--teacher_cache", teacher_cache_dir, "--max_steps", "120", "--eval_every", "4", "--codebook", "grad",
+            "--train_windows", "64"]
+    run = lambda out, *extra: subprocess.Popen([*base, "--output", str(out), *extra], cwd=REPO, env=env,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    straight, killed = tmp_path / "straight.pt", tmp_path / "killed.pt"
+    assert run(straight).wait(timeout=300) == 0
+    proc = run(killed)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if killed.exists():
+            try:
+                if 12 <= load_checkpoint(str(killed))["step"] < 100:
+                    break
+            except Exception:
+                pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(str(killed))["step"] < 120
+    assert run(killed, "--resume").wait(timeout=300) == 0
+    a, b = load_checkpoint(str(killed)), load_checkpoint(str(straight))
+    assert a["step"] == b["step"] == 120
+    for part in ("lora_state_dict", "base_model_state_dict"):
+        for k in b[part]:  # up to float rounding (batch shapes), as for Phase 2
+            assert torch.allclose(a[part][k].float(), b[part][k].float(), rtol=0, atol=2e-5), (part, k)
