@@ -45,6 +45,10 @@ def test_seed_inference_snippet_runs_verbatim(tiny_model, tmp_path):
     out = model.encode(input_ids, attention_mask)   # dict: z_e, z_q, indices, ...
     assert out["indices"].shape == (1,)
     assert {"z_e", "z_q", "indices"} <= set(out)
+    # values, not shapes: the code is the nearest one, z_q is its vector, and the saved model gives the same
+    assert torch.equal(out["indices"], model.quantizer.similarity(out["z_code"]).argmax(1))
+    assert torch.allclose(out["z_q"], model.quantizer.decode_indices(out["indices"]))
+    assert torch.equal(out["indices"], tiny_model.eval().encode(input_ids, attention_mask)["indices"])
 
 
 def _one_line(err):

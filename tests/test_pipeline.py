@@ -103,15 +103,32 @@ def test_phase2_keeps_base_and_codebook_and_runs_seed_snippet(chain):
         out = model.encode(input_ids, attention_mask)   # dict: z_e, z_q, indices, ...
         assert out["indices"].shape == (1,)
         f = load_pretrained(str(d / name))
+        assert torch.equal(out["indices"], f.encode(["where do codes go?"])["indices"])  # the same codes
         q = f.encode(["where do codes go?"], role="query", top_n=4)
         assert q["top_indices"].shape == (1, 4)
     m = chain["p2"]["metrics"]
     assert {"q2p_acc", "p2q_acc", "code_match_rate", "pos_similarity", "teacher_q2p_acc"} <= set(m)
 
 
-def test_phase2_adapters_learn(chain):
-    before, after = chain["p2"]["before"], chain["p2"]["metrics"]
-    assert after["pos_similarity"] > before["pos_similarity"] or after["q2p_acc"] > before["q2p_acc"]
+def test_phase2_adapters_learn():
+    """The Phase 2 objective on a fixed batch: a few steps of the query adapter lower the pair InfoNCE
+    (the frozen passages stay put), where the held-out metrics of a 12-step tiny run are too noisy to say."""
+    import vqvae_phase2_train_adapters as p2
+    from lora_adapters import QueryPassageAdapters
+    torch.manual_seed(0)
+    p = torch.randn(16, 32)
+    q = p @ torch.randn(32, 32) * 0.3 + 0.3 * torch.randn(16, 32)  # queries: a distorted view of their passages
+    adapters = QueryPassageAdapters(d_model=32)
+    params = [w for n, w in adapters.named_parameters() if n.startswith("query")]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    loss = lambda: p2.info_nce(adapters(q, "query"), adapters(p, "passage"), 0.07)
+    first = float(loss())
+    for _ in range(30):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert float(loss()) < 0.5 * first
+    assert torch.equal(adapters(p, "passage"), p)  # the passage adapter never trained: still the identity
 
 
 def test_phase1a_codebook_from_unlabelled_windows(tmp_path, teacher_cache_dir):
@@ -120,7 +137,10 @@ def test_phase1a_codebook_from_unlabelled_windows(tmp_path, teacher_cache_dir):
     ckpt = load_checkpoint(str(tmp_path / "p1.pt"))
     state = ckpt["base_model_state_dict"]
     assert bool(state["quantizer.initialized"]) and ckpt["step"] == 20
-    assert r["metrics"]["utilisation"] > 0 and r["metrics"]["n"] > 0
+    m, K = r["metrics"], ckpt["base_config"]["num_codes"]
+    assert m["n"] == 64  # the tiny preset's health windows
+    assert m["dead_codes"] == K - round(m["utilisation"] * K)  # health numbers agree with each other
+    assert 1.0 <= m["perplexity"] <= m["utilisation"] * K + 1e-6 and m["max_code_share"] >= 1 / (m["utilisation"] * K)
 
 
 def test_phase1a_checkpoint_holds_the_weight_average_and_the_live_weights(chain):
