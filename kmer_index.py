@@ -37,7 +37,7 @@ def _open(path: str):
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
 
 
-def read_corpus(path: str, file_no: int = 0, batch: int = 512):
+def read_corpus(path: str, file_no: int = 0, batch: int = 512, id_field: str = "_id", text_field: str = "text"):
     """Yields lists of (id, text, (file_no, line_no)); JSONL when the name says .jsonl, else lines."""
     if not os.path.isfile(path):
         raise UserError(f"corpus not found: {path}")
@@ -51,9 +51,12 @@ def read_corpus(path: str, file_no: int = 0, batch: int = 512):
             if is_jsonl:
                 try:
                     row = json.loads(line)
-                    pid, text = str(row["_id"]), (f"{row['title']}. " if row.get("title") else "") + row["text"]
+                    text = row[text_field]
+                    if text_field == "text" and row.get("title"):  # BEIR: the title belongs to the passage
+                        text = f"{row['title']}. {text}"
+                    pid = str(row[id_field])
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UserError(f"{path}, line {n}: not a corpus record with '_id' and 'text' "
+                    raise UserError(f"{path}, line {n}: not a corpus record with '{id_field}' and '{text_field}' "
                                     f"({type(e).__name__}); fix that line and build again") from None
             else:
                 pid, text = str(n), line
@@ -165,10 +168,16 @@ def build(args) -> Index:
     os.makedirs(args.index, exist_ok=True)
     spool = os.path.join(args.index, ".tmp_vectors.f16")  # corpus lists: vectors wait here, not in memory
     ids, sources, codes, dim = [], [], [], 0
+    seen = set(old.meta.get("text_hashes", [])) if old is not None else set()
+    fields = dict(id_field=args.id_field, text_field=args.text_field)
     try:
         with open(spool, "wb") as sp, tqdm(desc="encoding passages", unit=" passages") as bar:
             for c in args.corpus:  # the bar's line ends before any error line
-                for chunk in read_corpus(c, files.index(os.path.abspath(c)), args.batch_size):
+                for chunk in read_corpus(c, files.index(os.path.abspath(c)), args.batch_size, **fields):
+                    if args.unique_text:  # e.g. SQuAD rows: one per question, the passage repeated
+                        chunk = [r for r in chunk if not (hash_text(r[1]) in seen or seen.add(hash_text(r[1])))]
+                        if not chunk:
+                            continue
                     v = encode_vectors(filt, [t for _, t, _ in chunk], "passage")
                     dim = v.shape[1]
                     if centroids is not None:
@@ -196,13 +205,20 @@ def build(args) -> Index:
     codes = np.concatenate(codes)
     meta = {"format": INDEX_FORMAT, "checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": sha,
             "lists": old.meta["lists"] if old else args.lists, "num_lists": int(len(centroids)),
-            "corpus_files": files, "role": "passage" if filt.adapters is not None else None}
+            "corpus_files": files, "role": "passage" if filt.adapters is not None else None, **fields}
+    if args.unique_text:
+        meta["text_hashes"] = sorted(seen)
     sources = np.asarray(sources, dtype=np.int64).reshape(-1, 2)
     if old is not None:
         codes, ids, sources = np.concatenate([old.codes, codes]), old.ids + ids, np.concatenate([old.sources, sources])
     index = Index(meta, centroids, codes, ids, sources)
     index.save(args.index)
     return index
+
+
+def hash_text(text: str) -> str:
+    import hashlib
+    return hashlib.sha1(text.encode("utf-8", "replace")).hexdigest()[:16]
 
 
 def passage_texts(index: Index, rows: np.ndarray) -> list[str]:
@@ -213,7 +229,8 @@ def passage_texts(index: Index, rows: np.ndarray) -> list[str]:
         want.setdefault(int(f), {})[int(line)] = int(r)
     texts: dict[int, str] = {}
     for f, lines in want.items():
-        for chunk in read_corpus(index.meta["corpus_files"][f], f, 4096):
+        fields = {k: index.meta[k] for k in ("id_field", "text_field") if k in index.meta}
+        for chunk in read_corpus(index.meta["corpus_files"][f], f, 4096, **fields):
             for _, text, (_, line) in chunk:
                 if line in lines:
                     texts[lines[line]] = text
@@ -268,6 +285,9 @@ def main(argv=None):
     b.add_argument("--append", action="store_true", help="add passages to an existing index (same lists)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index")
     b.add_argument("--batch_size", type=int, default=512)
+    b.add_argument("--id_field", default="_id", help="JSONL: the id column (SQuAD rows: id)")
+    b.add_argument("--text_field", default="text", help="JSONL: the passage column (SQuAD rows: context)")
+    b.add_argument("--unique_text", action="store_true", help="index each distinct passage text once")
     b.add_argument("--fit_sample", type=int, default=100_000, help="passages k-means fits the lists on (corpus lists)")
     b.add_argument("--seed", type=int, default=0)
     q = sub.add_parser("query", help="candidate passages for queries")

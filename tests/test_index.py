@@ -102,3 +102,14 @@ def test_foreign_checkpoint_and_bad_lines_are_one_clear_error(ckpt, tmp_path, ca
     with pytest.raises(SystemExit):  # an existing index is not overwritten silently
         kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "i")])
     assert "already holds an index" in capsys.readouterr().err
+
+
+def test_other_columns_and_unique_texts(ckpt, tmp_path):
+    """SQuAD-style rows (id, context repeated per question) index each distinct passage once."""
+    rows = [{"id": f"q{i}", "context": TEXTS[i // 3], "question": f"question {i}"} for i in range(12)]
+    path = tmp_path / "squad_like.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    index = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", str(path), "--index", str(tmp_path / "s"),
+                             "--id_field", "id", "--text_field", "context", "--unique_text", "--num_lists", "2"])
+    assert index.ids == ["q0", "q3", "q6", "q9"]
+    assert kmer_index.passage_texts(kmer_index.Index.load(str(tmp_path / "s")), np.array([1])) == [TEXTS[1]]
