@@ -105,8 +105,9 @@ def load_records(src: Source, split: str, mode: str, files: dict[str, list[str]]
                             f"HF_TOKEN, or use the ungated alternative {src.alternative}")
         if _offline():
             raise _hub_error(src, None)
-        if _hub_unreachable():
-            raise _hub_error(src, _hub_unreachable())
+        why = _hub_unreachable()
+        if why:
+            raise _hub_error(src, why)
         try:
             ds = datasets.load_dataset(src.hub_id, src.config, split=src.splits[split], streaming=streaming,
                                        **src.hub_kwargs)

@@ -138,20 +138,16 @@ def ivf_on_teacher(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int):
 
 def two_stage(code_of_doc, probe_order, q_emb, d_emb, rel_docs, fractions=(0.01, 0.05, 0.1), k=10) -> dict:
     """Filter, then re-rank the kept passages with the teacher: recall@k and how many passages the
-    re-ranker embeds per query, against the re-ranker alone over the whole corpus."""
+    re-ranker embeds per query, against the re-ranker alone over the whole corpus. The passages kept
+    are those `kmer_index.py query --budget` keeps (the same probing)."""
+    from kmer_index import inverted_lists, probe_lists
     N = len(code_of_doc)
-    members = [np.flatnonzero(code_of_doc == c) for c in range(probe_order.shape[1])]
+    offsets, members = inverted_lists(code_of_doc, probe_order.shape[1])
     out = {}
     for f in fractions:
         rec, kept = [], []
         for qi, (order, rel) in enumerate(zip(probe_order, rel_docs)):
-            cand, n = [], 0
-            for c in order:
-                if n >= f * N:
-                    break
-                cand.append(members[c])
-                n += len(members[c])
-            cand = np.concatenate(cand) if cand else np.zeros(0, dtype=np.int64)
+            cand = probe_lists(order, offsets, members, limit=f * N)[1]
             top = cand[np.argsort(-(d_emb[cand] @ q_emb[qi]), kind="stable")[:k]]
             rec.append(np.isin(rel, top).mean())
             kept.append(len(cand))
@@ -184,7 +180,8 @@ def model2vec_peer(teacher_path: str, fingerprint: str, cache_root: str, pca_dim
         m = distill(model_name=teacher_path, pca_dims=pca_dims, device="cpu")
         tmp = folder + ".tmp"
         m.save_pretrained(tmp)
-        os.replace(tmp, folder) if not os.path.exists(folder) else None
+        if not os.path.exists(folder):  # another process may have finished first
+            os.replace(tmp, folder)
         print(f"  Model2Vec distilled in {time.time() - t0:.0f} s", flush=True)
     return StaticModel.from_pretrained(folder)
 

@@ -92,6 +92,16 @@ def inverted_lists(codes: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
     return offsets, members
 
 
+def probe_lists(order: np.ndarray, offsets: np.ndarray, members: np.ndarray, n_probe: int = 0,
+                limit: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Lists nearest-first (`order`): the first n_probe, or else lists until `limit` passages are kept
+    (the list that crosses it included). -> (lists probed, their passages)."""
+    if not n_probe:
+        n_probe = int(np.searchsorted(np.cumsum(np.diff(offsets)[order]), limit)) + 1
+    probe = order[:n_probe]
+    return probe, np.concatenate([members[offsets[k]:offsets[k + 1]] for k in probe])
+
+
 class Index:
     """An index in memory: centroids, codes, ids, sources; `search` gives candidate passages."""
 
@@ -107,12 +117,18 @@ class Index:
         meta = json.load(open(path))
         if meta.get("format") != INDEX_FORMAT:
             raise UserError(f"{folder} has index format {meta.get('format')!r}, not {INDEX_FORMAT!r}: rebuild it")
-        if checkpoint_sha and checkpoint_sha != meta["checkpoint_sha256"]:
-            raise UserError(f"{folder} was built by checkpoint {meta['checkpoint_sha256'][:12]}..., not this one "
-                            f"({checkpoint_sha[:12]}...): its codes mean nothing to this model; rebuild the index")
         ld = lambda n: np.load(os.path.join(folder, n), allow_pickle=False)
-        return cls(meta, ld("centroids.npy"), ld("codes.npy"), json.load(open(os.path.join(folder, "ids.json"))),
-                   ld("sources.npy"))
+        index = cls(meta, ld("centroids.npy"), ld("codes.npy"), json.load(open(os.path.join(folder, "ids.json"))),
+                    ld("sources.npy"))
+        if checkpoint_sha:
+            index.check_checkpoint(checkpoint_sha, folder)
+        return index
+
+    def check_checkpoint(self, checkpoint_sha: str, folder: str):
+        """Refuse a model other than the one that built the index (one line)."""
+        if checkpoint_sha != self.meta["checkpoint_sha256"]:
+            raise UserError(f"{folder} was built by checkpoint {self.meta['checkpoint_sha256'][:12]}..., not this "
+                            f"one ({checkpoint_sha[:12]}...): its codes mean nothing to this model; rebuild the index")
 
     def save(self, folder: str):
         os.makedirs(folder, exist_ok=True)
@@ -126,13 +142,11 @@ class Index:
     def search(self, q_vec: np.ndarray, n_probe: int = 0, budget: float = 0.0) -> list[dict]:
         """Per query: probe the nearest lists until n_probe lists, or until `budget` passages (a count,
         or a fraction of the corpus when < 1) are kept."""
-        N, K = len(self.codes), len(self.centroids)
-        sizes = np.diff(self.offsets)
+        N = len(self.codes)
         limit = budget * N if 0 < budget < 1 else budget
         out = []
         for order in np.argsort(-(q_vec @ self.centroids.T), axis=1, kind="stable"):
-            probe = order[:n_probe] if n_probe else order[:int(np.searchsorted(np.cumsum(sizes[order]), limit) + 1)]
-            cand = np.concatenate([self.members[self.offsets[k]:self.offsets[k + 1]] for k in probe])
+            probe, cand = probe_lists(order, self.offsets, self.members, n_probe, limit)
             out.append({"codes": probe.tolist(), "candidates": cand, "fraction_kept": len(cand) / max(1, N)})
         return out
 
@@ -245,8 +259,7 @@ def query(args) -> list[dict]:
         filt = load_pretrained(ckpt)
     except CheckpointError as e:
         raise UserError(str(e)) from None
-    if _sha(ckpt) != index.meta["checkpoint_sha256"]:
-        Index.load(args.index, _sha(ckpt))  # raises the one-line mismatch error
+    index.check_checkpoint(_sha(ckpt), args.index)
     queries = list(args.query) + ([l.strip() for l in _open(args.queries) if l.strip()] if args.queries else [])
     if not queries:
         raise UserError("give --query TEXT (repeatable) or --queries FILE (one query per line)")

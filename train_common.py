@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vqvae_phase1_model import CHECKPOINT_FORMAT, CheckpointError, file_sha256
+from vqvae_phase1_model import CHECKPOINT_FORMAT, CheckpointError, file_sha256, on_every_rank
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -271,7 +271,7 @@ def base_checkpoint(phase: str, cfg, model_config: dict, base_state: dict, state
         "step": state.step, "tokens_seen": state.tokens_seen, "parent_checkpoint": parent,
         "versions": library_versions(),
         "resume": {"optimizer": optimizer.state_dict() if optimizer is not None else None,
-                   "torch_rng": torch.get_rng_state(), "rng": rng_state(), "data_position": state.data_position,
+                   "rng": rng_state(), "data_position": state.data_position,
                    "best": state.best, "skipped_nonfinite": state.skipped_nonfinite},
     }
 
@@ -495,7 +495,7 @@ def _apply_step(cfg, loss, params, optimizer, state) -> bool:
     """Backward, clip, optimizer step; a NaN/inf loss or gradient is skipped (or stops the run). Under DDP
     the skip is decided by all ranks together: a rank that skipped alone would leave the others waiting
     in the gradient all-reduce for ever."""
-    if not all_ranks(bool(torch.isfinite(loss)), loss.device):
+    if not on_every_rank(bool(torch.isfinite(loss))):
         _skip_nonfinite("loss", loss, state, cfg, optimizer)
         return False
     loss.backward()
@@ -507,15 +507,6 @@ def _apply_step(cfg, loss, params, optimizer, state) -> bool:
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
     return True
-
-
-def all_ranks(flag: bool, device=None) -> bool:
-    """True only if `flag` is true on every rank (one all-reduce; the flag itself in one process)."""
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item() > 0)
-    return flag
 
 
 def _skip_nonfinite(what, value, state, cfg, optimizer):

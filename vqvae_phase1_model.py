@@ -371,8 +371,9 @@ def _all_mean_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _on_every_rank(flag: bool) -> bool:
-    """True only if `flag` holds on every rank: an early return before a collective must be taken by all."""
+def on_every_rank(flag: bool) -> bool:
+    """True only if `flag` holds on every rank (one all-reduce; the flag itself in one process): a
+    decision before a collective (an early return, a skipped step) must be taken by all ranks."""
     if dist.is_available() and dist.is_initialized():
         t = torch.tensor([1.0 if flag else 0.0])
         if dist.get_backend() == "nccl":
@@ -608,7 +609,7 @@ class VectorQuantizer(nn.Module):
         expected = batch_size / self.K
         dead = self.ema_count < threshold * expected
         n = int(dead.sum())  # the same on every rank: the EMA counts are all-reduced
-        if n == 0 or not _on_every_rank(z_recent.shape[0] > 0):  # decided together: the broadcasts below
+        if n == 0 or not on_every_rank(z_recent.shape[0] > 0):  # decided together: the broadcasts below
             return 0
         zc = self.project(z_recent)
         pick = torch.randint(zc.shape[0], (n,), generator=generator).to(zc.device)
@@ -707,10 +708,11 @@ class KmerVQVAE(nn.Module):
         c = target_center.float() if target_center is not None else None
         shift = (lambda v: v - c) if c is not None else (lambda v: v)
         cos_e = F.cosine_similarity(dec_e.float(), t, dim=-1)
-        loss_e = (1 - F.cosine_similarity(shift(dec_e.float()), shift(t), dim=-1)).mean()
+        d_e, t_c = shift(dec_e.float()), shift(t)
+        loss_e = (1 - F.cosine_similarity(d_e, t_c, dim=-1)).mean()
         out.update(cos_e=cos_e.mean().detach(), loss_cont=loss_e.detach())
         if contrastive_weight > 0:
-            nce = info_nce(shift(dec_e.float()), shift(t), contrastive_temperature)
+            nce = info_nce(d_e, t_c, contrastive_temperature)
             loss_e = loss_e + contrastive_weight * nce
             out["nce"] = nce.detach()
         if not quantize or not bool(self.quantizer.initialized):
@@ -718,7 +720,7 @@ class KmerVQVAE(nn.Module):
             return out
         dec_q = self.decode(q["z_q"])
         cos_q = F.cosine_similarity(dec_q.float(), t, dim=-1)
-        loss_q = (1 - F.cosine_similarity(shift(dec_q.float()), shift(t), dim=-1)).mean()
+        loss_q = (1 - F.cosine_similarity(shift(dec_q.float()), t_c, dim=-1)).mean()
         loss = loss_q + continuous_weight * loss_e + q["commit_loss"]
         out.update(cos_q=cos_q.mean().detach(), loss_q=loss_q.detach(), commit=q["commit_loss"].detach(),
                    diversity=q["diversity_loss"].detach(), decoded_q=dec_q)

@@ -266,6 +266,7 @@ def main(cfg: Phase1Config) -> dict:
     win_center = held_targets.float().mean(0).to(device) if cfg.center_targets else None
     static_center = lex.static_targets(held_out).mean(0).to(device) if lex is not None and cfg.center_targets \
         else None
+    word_center = lex.center.to(device) if lex is not None and cfg.center_targets else None
 
     # 3. model, optimizer, resume
     model = KmerVQVAE(**mcfg).to(device)
@@ -325,9 +326,8 @@ def main(cfg: Phase1Config) -> dict:
         ids = order[start:start + cfg.lexicon_batch_size]
         b = tok.encode_windows([lex.vocab[i] for i in ids])
         mask = b["attention_mask"].to(device)
-        center = lex.center.to(device) if cfg.center_targets else None
         out = train_model(b["input_ids"].to(device), mask, teacher=lex.embeddings[ids].to(device),
-                          target_center=center, **loss_args)
+                          target_center=word_center, **loss_args)
         return out["loss"], {"cos_e": float(out["cos_e"])}, int(mask.sum()) * world
 
     def train_step(step):

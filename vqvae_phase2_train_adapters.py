@@ -22,8 +22,7 @@ from data_common import parse_data_files, parse_weights
 from lora_adapters import QueryPassageAdapters
 from teacher import Teacher, TeacherError
 from train_common import CommonConfig, LoopState, UserError, opt
-from vqvae_phase1_model import info_nce as distill_nce
-from vqvae_phase1_model import load_checkpoint, model_from_checkpoint, save_checkpoint
+from vqvae_phase1_model import info_nce, load_checkpoint, model_from_checkpoint, save_checkpoint
 from vqvae_phase2_data import HUB_DEFAULT, PAIR_SOURCES, SAMPLE_DEFAULT, PairBatcher, pair_stream
 
 
@@ -71,12 +70,6 @@ def inbatch_metrics(q: torch.Tensor, p: torch.Tensor, q_codes=None, p_codes=None
     if q_codes is not None:
         out["code_match_rate"] = float((q_codes == p_codes).float().mean())
     return out
-
-
-def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = F.normalize(q, dim=-1) @ F.normalize(p, dim=-1).T / temperature
-    target = torch.arange(len(q), device=q.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 class FrozenEncoder:
@@ -193,7 +186,7 @@ def main(cfg: Phase2Config) -> dict:
         if cfg.query_distill_weight > 0:
             t = teacher.embed([q for q, _ in batch]).to(device).float() - q_center
             d = model.decode(zq).float() - q_center  # the frozen decoder: code space -> teacher space
-            distill = (1 - F.cosine_similarity(d, t, dim=-1)).mean() + distill_nce(d, t, 0.05)
+            distill = (1 - F.cosine_similarity(d, t, dim=-1)).mean() + info_nce(d, t, 0.05)
             loss = loss + cfg.query_distill_weight * distill
             logs["query_distill"] = float(distill.detach())
         with torch.no_grad():

@@ -140,18 +140,19 @@ def test_weight_average_follows_live_weights_and_swaps_back():
         tc.WeightAverage(m, 1.0)
 
 
-def test_phase2_kill_9_then_resume_gives_the_same_adapters(tmp_path, teacher_cache_dir):
-    """Phase 2 killed mid-run and resumed ends with the very tensors of an uninterrupted run (optimizer,
-    every RNG and the batcher's deferred pairs restored)."""
+def _tiny_phase1(tmp_path, teacher_cache_dir):
     import vqvae_phase1_train as p1
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     ck1 = tmp_path / "p1.pt"
     p1.main(tc.parse_config(p1.Phase1Config, p1.PRESETS, ["--preset", "tiny", "--output", str(ck1),
                                                           "--teacher_cache", teacher_cache_dir]))
-    base = [sys.executable, "vqvae_phase2_train_adapters.py", "--preset", "tiny", "--checkpoint", str(ck1),
-            "--teacher_cache", teacher_cache_dir, "--max_steps", "400", "--eval_every", "5", "--eval_size", "16",
-            "--train_pairs", "40"]
-    run = lambda out, *extra: subprocess.Popen([*base, "--output", str(out), *extra], cwd=REPO, env=env,
+    return ck1
+
+
+def _straight_then_killed_and_resumed(tmp_path, cmd, lo, hi, total):
+    """Run `cmd` to the end once; run it again, kill -9 at a checkpoint with lo <= step < hi, resume it.
+    -> (the resumed run's checkpoint, the uninterrupted run's)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run = lambda out, *extra: subprocess.Popen([*cmd, "--output", str(out), *extra], cwd=REPO, env=env,
                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     straight, killed = tmp_path / "straight.pt", tmp_path / "killed.pt"
     assert run(straight).wait(timeout=300) == 0
@@ -160,17 +161,28 @@ def test_phase2_kill_9_then_resume_gives_the_same_adapters(tmp_path, teacher_cac
     while time.time() < deadline:
         if killed.exists():
             try:
-                if 20 <= load_checkpoint(str(killed))["step"] < 380:
+                if lo <= load_checkpoint(str(killed))["step"] < hi:
                     break
             except Exception:  # caught between its creation and the rename: look again
                 pass
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert load_checkpoint(str(killed))["step"] < 400
+    assert load_checkpoint(str(killed))["step"] < total
     assert run(killed, "--resume").wait(timeout=300) == 0
     a, b = load_checkpoint(str(killed)), load_checkpoint(str(straight))
-    assert a["step"] == b["step"] == 400
+    assert a["step"] == b["step"] == total
+    return a, b
+
+
+def test_phase2_kill_9_then_resume_gives_the_same_adapters(tmp_path, teacher_cache_dir):
+    """Phase 2 killed mid-run and resumed ends with the very tensors of an uninterrupted run (optimizer,
+    every RNG and the batcher's deferred pairs restored)."""
+    ck1 = _tiny_phase1(tmp_path, teacher_cache_dir)
+    cmd = [sys.executable, "vqvae_phase2_train_adapters.py", "--preset", "tiny", "--checkpoint", str(ck1),
+           "--teacher_cache", teacher_cache_dir, "--max_steps", "400", "--eval_every", "5", "--eval_size", "16",
+           "--train_pairs", "40"]
+    a, b = _straight_then_killed_and_resumed(tmp_path, cmd, 20, 380, 400)
     for k in b["adapter_state_dict"]:  # equal up to float rounding: the resumed run encodes the frozen base's
         # texts in other batch shapes (its cache starts empty), which moves the last bits, never more
         assert torch.allclose(a["adapter_state_dict"][k], b["adapter_state_dict"][k], rtol=0, atol=2e-5), \
@@ -180,34 +192,11 @@ def test_phase2_kill_9_then_resume_gives_the_same_adapters(tmp_path, teacher_cac
 def test_phase1b_codebook_grad_kill_9_then_resume_gives_the_same_tensors(tmp_path, teacher_cache_dir):
     """Phase 1b with a trained codebook, killed and resumed: LoRA, codebook and the quantiser's running
     state (centring mean, usage) equal an uninterrupted run's."""
-    import vqvae_phase1_train as p1
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    ck1 = tmp_path / "p1.pt"
-    p1.main(tc.parse_config(p1.Phase1Config, p1.PRESETS, ["--preset", "tiny", "--output", str(ck1),
-                                                          "--teacher_cache", teacher_cache_dir]))
-    base = [sys.executable, "vqvae_phase1b_train_lora.py", "--preset", "tiny", "--phase1a_checkpoint", str(ck1),
-            "--teacher_cache", teacher_cache_dir, "--max_steps", "120", "--eval_every", "4", "--codebook", "grad",
-            "--train_windows", "64"]
-    run = lambda out, *extra: subprocess.Popen([*base, "--output", str(out), *extra], cwd=REPO, env=env,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    straight, killed = tmp_path / "straight.pt", tmp_path / "killed.pt"
-    assert run(straight).wait(timeout=300) == 0
-    proc = run(killed)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if killed.exists():
-            try:
-                if 12 <= load_checkpoint(str(killed))["step"] < 100:
-                    break
-            except Exception:
-                pass
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert load_checkpoint(str(killed))["step"] < 120
-    assert run(killed, "--resume").wait(timeout=300) == 0
-    a, b = load_checkpoint(str(killed)), load_checkpoint(str(straight))
-    assert a["step"] == b["step"] == 120
+    ck1 = _tiny_phase1(tmp_path, teacher_cache_dir)
+    cmd = [sys.executable, "vqvae_phase1b_train_lora.py", "--preset", "tiny", "--phase1a_checkpoint", str(ck1),
+           "--teacher_cache", teacher_cache_dir, "--max_steps", "120", "--eval_every", "4", "--codebook", "grad",
+           "--train_windows", "64"]
+    a, b = _straight_then_killed_and_resumed(tmp_path, cmd, 12, 100, 120)
     for part in ("lora_state_dict", "base_model_state_dict"):
         for k in b[part]:  # up to float rounding (batch shapes), as for Phase 2
             assert torch.allclose(a[part][k].float(), b[part][k].float(), rtol=0, atol=2e-5), (part, k)
