@@ -58,6 +58,10 @@ class KmerVQVAEConfig:
     # of its k-mer embeddings and the blocks learn context on top (README "Filter quality"); "normal":
     # the usual small random init (checkpoints written before this option existed)
     residual_init: str = "zero"
+    # True: the text vector is a learned-weight mean of every k-mer's embedding, taken before pooling,
+    # plus what the blocks add at the pooled positions (README "Filter quality"); False: the mean of
+    # the blocks' pooled outputs (checkpoints written before this option existed)
+    bag_path: bool = True
     # quantiser
     num_codes: int = 1024
     code_dim: int = 0  # 0 = d_model; else in/out projections to a lower code space
@@ -312,7 +316,12 @@ class KmerEncoder(nn.Module):
         self.embed = nn.Embedding(cfg.kmer_buckets, cfg.d_model, padding_idx=0)
         self.pos = nn.Embedding(cfg.window_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        if cfg.bag_path:
+            self.ln_bag = nn.LayerNorm(cfg.d_model)
+            self.bag_weight = nn.Embedding(cfg.kmer_buckets, 1, padding_idx=0)  # log-weight per k-mer id
+            nn.init.zeros_(self.bag_weight.weight)  # starts as the plain mean
+        else:
+            self.ln_f = nn.LayerNorm(cfg.d_model)
         self.bypass_blocks = False  # not state: Phase 1a sets it during its bag stage
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
@@ -329,11 +338,22 @@ class KmerEncoder(nn.Module):
     def forward(self, input_ids, attention_mask):
         """-> (z_e (B, D), positions (B,)). While `bypass_blocks` is set (Phase 1a's bag stage, with
         residual_init "zero" and the blocks not yet trained, so each block is exactly the identity)
-        the blocks are skipped: the encoder is then the bag of its k-mer embeddings, ~4x cheaper."""
+        the blocks are skipped, which is exact and several times cheaper.
+
+        With `bag_path`, z_e = sum_i w_i LN(e_i) / sum_i w_i over every k-mer i (w_i = exp of a
+        learned scalar per k-mer id, so frequent uninformative k-mers can weigh less, as SIF weights
+        do for words), plus the mean over pooled positions of what the blocks add to their input."""
         mask = attention_mask.bool()
         x = self.embed(input_ids)  # (B, L, D) or (B, L, H, D)
         if x.dim() == 4:
             x = x.sum(2)  # multi-hash: sum the hash functions' embeddings
+        bag = None
+        if self.cfg.bag_path:
+            s = self.bag_weight(input_ids)  # (B, L, 1) or (B, L, H, 1)
+            if s.dim() == 4:
+                s = s.sum(2)
+            w = torch.exp(s.float().clamp(-10, 10)) * mask[..., None]
+            bag = (self.ln_bag(x).float() * w).sum(1) / w.sum(1).clamp(min=1e-6)
         P = self.cfg.kmer_pool
         if P > 1:  # CANINE-style downsampling: mean of each group of P k-mers
             B, L, D = x.shape
@@ -345,12 +365,18 @@ class KmerEncoder(nn.Module):
         T = x.shape[1]
         if T > self.cfg.window_size:
             raise ValueError(f"{T} positions exceed window_size {self.cfg.window_size}")
-        x = x + self.pos.weight[:T]
-        for blk in () if self.bypass_blocks else self.blocks:
-            x = blk(x, mask)
-        x = self.ln_f(x)
+        positions = mask.sum(1)
         m = mask.to(x.dtype)[..., None]
-        return (x * m).sum(1) / m.sum(1).clamp(min=1), mask.sum(1)  # (B, D), (B,) positions
+        if bag is not None and (self.bypass_blocks or not len(self.blocks)):
+            return bag.to(x.dtype), positions
+        x = x + self.pos.weight[:T]
+        h = x
+        for blk in () if self.bypass_blocks else self.blocks:
+            h = blk(h, mask)
+        if bag is not None:  # the blocks' contribution (zero while they are the identity)
+            return (bag + ((h - x) * m).sum(1).float() / m.sum(1).clamp(min=1).float()).to(x.dtype), positions
+        h = self.ln_f(h)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1), positions  # (B, D), (B,) positions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -809,6 +835,7 @@ def load_checkpoint(path: str, phases: tuple[str, ...] | None = None, map_locati
     if isinstance(ckpt.get("base_config"), dict):  # written before hash_version existed: the 64-bit hash
         ckpt["base_config"].setdefault("hash_version", 1)
         ckpt["base_config"].setdefault("residual_init", "normal")  # (an init choice: weights come from the file)
+        ckpt["base_config"].setdefault("bag_path", False)
     init = ckpt.get("base_model_state_dict", {}).get("quantizer.initialized")
     if need_codebook and init is not None and not bool(init):
         raise CheckpointError(f"{path} was saved at step {ckpt.get('step')}, before its codebook's k-means init "

@@ -105,3 +105,31 @@ def test_tokenizer_defaults_are_the_models():
     model_tok = KmerVQVAE().tokenizer()
     x = ["the same text through both tokenizers, long enough to fill several positions"]
     assert torch.equal(tok(x)["input_ids"], model_tok(x)["input_ids"])
+
+
+def test_bag_path_is_the_weighted_mean_of_normalised_kmer_embeddings_plus_the_blocks_delta(tiny_config):
+    """z_e = sum_i w_i LN(e_i) / sum_i w_i over every (unpooled) k-mer, w_i = exp(learned log-weight
+    summed over the hash functions), plus the mean over pooled positions of what the blocks add."""
+    torch.manual_seed(0)
+    model = KmerVQVAE(**{**tiny_config, "bag_path": True, "kmer_pool": 2}).eval()
+    enc = model.encoder
+    with torch.no_grad():
+        enc.bag_weight.weight.normal_(0, 1.0)
+    b = model.tokenizer()(["some text to encode", "and another, longer piece of text to encode here"])
+    ids, mask = b["input_ids"], b["attention_mask"].bool()
+    with torch.no_grad():
+        e = enc.embed(ids).sum(2)  # (W, L, D): multi-hash ids (W, L, H)
+        w = torch.exp(enc.bag_weight(ids).sum(2)) * mask[..., None]
+        bag = (enc.ln_bag(e) * w).sum(1) / w.sum(1)
+        assert torch.allclose(model.encode_windows(ids, b["attention_mask"]), bag, atol=1e-5)  # blocks are zero
+        enc.blocks[0].mlp[2].weight.normal_()  # now the block adds something
+        W, L, D = e.shape
+        pm = mask.view(W, L // 2, 2).float()
+        x = (e.view(W, L // 2, 2, D) * pm[..., None]).sum(2) / pm.sum(2, keepdim=True).clamp(min=1)
+        pmask = pm.sum(2) > 0
+        x = x + enc.pos.weight[:x.shape[1]]
+        delta = (enc.blocks[0](x, pmask) - x) * pmask[..., None]
+        want = bag + delta.sum(1) / pmask.sum(1, keepdim=True)
+        assert torch.allclose(model.encode_windows(ids, b["attention_mask"]), want, atol=1e-5)
+        plain = KmerVQVAE(**{**tiny_config, "bag_path": False})
+        assert not hasattr(plain.encoder, "bag_weight") and hasattr(plain.encoder, "ln_f")
