@@ -15,7 +15,8 @@ lists, corpus files), `centroids.npy` (K, d) float32, `codes.npy` (N,) int32, `i
 `sources.npy` (N, 2) int64 (corpus file number, line number: for re-ranking),
 `list_offsets.npy` (K+1,) and `list_members.npy` (N,): the inverted lists (CSR).
 `--lists corpus` (default) fits K lists to the corpus's vectors by spherical k-means, as FAISS IVF
-does; `--lists model` uses the model's own codebook (no fitting pass; README "Filter quality").
+does, after subtracting the corpus's mean vector (`center.npy`, subtracted from queries too; `--no_center`
+skips it); `--lists model` uses the model's own codebook (no fitting pass; README "Filter quality").
 """
 from __future__ import annotations
 
@@ -105,8 +106,9 @@ def probe_lists(order: np.ndarray, offsets: np.ndarray, members: np.ndarray, n_p
 class Index:
     """An index in memory: centroids, codes, ids, sources; `search` gives candidate passages."""
 
-    def __init__(self, meta: dict, centroids, codes, ids, sources):
+    def __init__(self, meta: dict, centroids, codes, ids, sources, center=None):
         self.meta, self.centroids, self.codes, self.ids, self.sources = meta, centroids, codes, ids, sources
+        self.center = center  # (d,) subtracted from every vector before routing; None = no centring
         self.offsets, self.members = inverted_lists(codes, len(centroids))
 
     @classmethod
@@ -118,8 +120,9 @@ class Index:
         if meta.get("format") != INDEX_FORMAT:
             raise UserError(f"{folder} has index format {meta.get('format')!r}, not {INDEX_FORMAT!r}: rebuild it")
         ld = lambda n: np.load(os.path.join(folder, n), allow_pickle=False)
+        center = ld("center.npy") if os.path.isfile(os.path.join(folder, "center.npy")) else None
         index = cls(meta, ld("centroids.npy"), ld("codes.npy"), json.load(open(os.path.join(folder, "ids.json"))),
-                    ld("sources.npy"))
+                    ld("sources.npy"), center)
         if checkpoint_sha:
             index.check_checkpoint(checkpoint_sha, folder)
         return index
@@ -136,6 +139,8 @@ class Index:
                           ("sources.npy", self.sources.astype(np.int64)), ("list_offsets.npy", self.offsets),
                           ("list_members.npy", self.members)):
             _save_npy(folder, name, arr)
+        if self.center is not None:
+            _save_npy(folder, "center.npy", self.center.astype(np.float32))
         _save_json(folder, "ids.json", self.ids)
         _save_json(folder, "index.json", {**self.meta, "passages": len(self.ids)})  # last: marks it complete
 
@@ -145,6 +150,7 @@ class Index:
         N = len(self.codes)
         limit = budget * N if 0 < budget < 1 else budget
         out = []
+        q_vec = q_vec - self.center if self.center is not None else q_vec
         for order in np.argsort(-(q_vec @ self.centroids.T), axis=1, kind="stable"):
             probe, cand = probe_lists(order, self.offsets, self.members, n_probe, limit)
             out.append({"codes": probe.tolist(), "candidates": cand, "fraction_kept": len(cand) / max(1, N)})
@@ -177,6 +183,7 @@ def build(args) -> Index:
         raise UserError(f"{args.index} already holds an index: pass --append to add passages, or --overwrite")
     files = (old.meta["corpus_files"] if old else []) + [os.path.abspath(c) for c in args.corpus]
     centroids = old.centroids if old is not None else None
+    center = old.center if old is not None else None
     if centroids is None and args.lists == "model":
         centroids = filt.model.quantizer._codes().detach().numpy().astype(np.float32)
     os.makedirs(args.index, exist_ok=True)
@@ -195,7 +202,8 @@ def build(args) -> Index:
                     v = encode_vectors(filt, [t for _, t, _ in chunk], "passage")
                     dim = v.shape[1]
                     if centroids is not None:
-                        codes.append((v @ centroids.T).argmax(1).astype(np.int32))
+                        codes.append(((v - center if center is not None else v) @ centroids.T).argmax(1)
+                                     .astype(np.int32))
                     else:
                         sp.write(v.astype(np.float16).tobytes())
                     ids += [i for i, _, _ in chunk]
@@ -208,10 +216,14 @@ def build(args) -> Index:
             rng = np.random.default_rng(args.seed)
             fit = np.sort(rng.choice(len(ids), min(len(ids), args.fit_sample), replace=False))
             K = min(args.num_lists or filt.model.config.num_codes, len(fit))
-            centroids = spherical_kmeans(torch.from_numpy(np.asarray(V[fit], dtype=np.float32)), K,
-                                         seed=args.seed)[0].numpy()
-            codes = [(np.asarray(V[i:i + 65536], dtype=np.float32) @ centroids.T).argmax(1).astype(np.int32)
-                     for i in range(0, len(ids), 65536)]
+            sample = np.asarray(V[fit], dtype=np.float32)
+            # the corpus's mean vector: a one-domain corpus shares a large common direction that would
+            # otherwise dominate the cosine between its passages (README "Filter quality")
+            center = np.zeros(dim, np.float32) if args.no_center else sample.mean(0)
+            centroids = spherical_kmeans(torch.from_numpy(sample - center), K, seed=args.seed)[0].numpy()
+            codes = [((np.asarray(V[i:i + 65536], dtype=np.float32) - center) @ centroids.T).argmax(1)
+                     .astype(np.int32) for i in range(0, len(ids), 65536)]
+            center = None if args.no_center else center
             del V
     finally:
         if os.path.exists(spool):
@@ -219,13 +231,14 @@ def build(args) -> Index:
     codes = np.concatenate(codes)
     meta = {"format": INDEX_FORMAT, "checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": sha,
             "lists": old.meta["lists"] if old else args.lists, "num_lists": int(len(centroids)),
-            "corpus_files": files, "role": "passage" if filt.adapters is not None else None, **fields}
+            "corpus_files": files, "role": "passage" if filt.adapters is not None else None,
+            "centred": center is not None, **fields}
     if args.unique_text:
         meta["text_hashes"] = sorted(seen)
     sources = np.asarray(sources, dtype=np.int64).reshape(-1, 2)
     if old is not None:
         codes, ids, sources = np.concatenate([old.codes, codes]), old.ids + ids, np.concatenate([old.sources, sources])
-    index = Index(meta, centroids, codes, ids, sources)
+    index = Index(meta, centroids, codes, ids, sources, center)
     index.save(args.index)
     return index
 
@@ -295,6 +308,8 @@ def main(argv=None):
     b.add_argument("--lists", default="corpus", choices=("corpus", "model"),
                    help="fit the lists to the corpus (k-means), or use the model's own codebook")
     b.add_argument("--num_lists", type=int, default=0, help="lists for --lists corpus (default: the model's codes)")
+    b.add_argument("--no_center", action="store_true",
+                   help="--lists corpus: do not subtract the corpus's mean vector before fitting and routing")
     b.add_argument("--append", action="store_true", help="add passages to an existing index (same lists)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index")
     b.add_argument("--batch_size", type=int, default=512)

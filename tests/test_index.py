@@ -72,8 +72,18 @@ def test_corpus_lists_and_rerank_text_lookup(ckpt, tmp_path):
     small = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "j"),
                              "--num_lists", "4", "--fit_sample", "10", "--batch_size", "7"])
     v = kmer_index.encode_vectors(load_pretrained(str(ckpt)), TEXTS, "passage").astype(np.float16).astype(np.float32)
-    assert np.array_equal(small.codes, (v @ small.centroids.T).argmax(1))
+    assert np.allclose(index.center, v.mean(0), atol=1e-5)  # every passage in the fit: the corpus mean
+    assert np.array_equal(small.codes, ((v - small.center) @ small.centroids.T).argmax(1))
     assert not [f for f in os.listdir(tmp_path / "j") if f.startswith(".tmp_")]
+    loaded = kmer_index.Index.load(str(tmp_path / "j"))
+    assert np.array_equal(loaded.center, small.center) and loaded.meta["centred"]
+    # queries are routed after the same subtraction: probe order = lists by cosine to (query - centre)
+    want = np.argsort(-((v - loaded.center) @ loaded.centroids.T), axis=1, kind="stable")
+    assert [h["codes"] for h in loaded.search(v, n_probe=4)] == want.tolist()
+    assert [h["codes"][0] for h in loaded.search(v, n_probe=1)] == small.codes.tolist()  # its own list first
+    plain = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "k"),
+                             "--num_lists", "4", "--no_center"])
+    assert plain.center is None and np.array_equal(plain.codes, (v @ plain.centroids.T).argmax(1))
 
 
 def test_foreign_checkpoint_and_bad_lines_are_one_clear_error(ckpt, tmp_path, capsys):
