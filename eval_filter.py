@@ -158,8 +158,12 @@ def two_stage(code_of_doc, probe_order, q_emb, d_emb, rel_docs, fractions=(0.01,
     return out
 
 
-def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int):
-    """Spherical k-means IVF (FAISS) on any vectors: (doc list, query probe order, lists)."""
+def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int, center: bool = False):
+    """Spherical k-means IVF (FAISS) on any vectors: (doc list, query probe order, lists). center: first
+    subtract the corpus's mean vector from passages and queries (what `kmer_index.py build` does)."""
+    if center:
+        mean = d_emb.mean(0, keepdims=True)
+        d_emb, q_emb = d_emb - mean, q_emb - mean
     d = d_emb / np.linalg.norm(d_emb, axis=1, keepdims=True).clip(min=1e-12)
     q = q_emb / np.linalg.norm(q_emb, axis=1, keepdims=True).clip(min=1e-12)
     return ivf_on_teacher(d, q, K, seed)
@@ -184,6 +188,24 @@ def model2vec_peer(teacher_path: str, fingerprint: str, cache_root: str, pca_dim
             os.replace(tmp, folder)
         print(f"  Model2Vec distilled in {time.time() - t0:.0f} s", flush=True)
     return StaticModel.from_pretrained(folder)
+
+
+def general_codebook_row(teacher, filt, d_emb, q_emb, rel_docs, K: int, n_windows: int, seed: int) -> dict:
+    """Teacher vectors through a K-code codebook fitted on general web text rather than on the corpus:
+    what a fixed codebook could reach with a perfect student."""
+    from vqvae_phase1_model import spherical_kmeans
+    from data_common import parse_weights
+    from vqvae_phase1a_data_webtext import WEBTEXT_SOURCES, eval_windows, webtext_documents
+    weights = parse_weights("wikitext=0.15,c4=0.25,wikipedia=0.6", WEBTEXT_SOURCES)  # the demo's Phase 1a mix
+    docs = webtext_documents("sample", "validation", weights, cycle=False)
+    windows = eval_windows(docs, filt.model.tokenizer(), n_windows)[:n_windows]
+    g = teacher.embed(windows).float()
+    teacher.flush()
+    codebook = F.normalize(spherical_kmeans(g, min(K, len(windows)), iters=20, seed=seed)[0], dim=-1).numpy()
+    code = (d_emb @ codebook.T).argmax(1)
+    curve, rows = recall_curves(code, np.argsort(-(q_emb @ codebook.T), axis=1), rel_docs)
+    return {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(code, len(codebook)),
+            "codes": len(codebook), "windows": len(windows)}
 
 
 def plot(results: dict, path: str, title: str):
@@ -224,6 +246,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--no_model2vec", action="store_true", help="skip the Model2Vec + IVF peer")
     ap.add_argument("--model2vec_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae"),
                     help="where the distilled Model2Vec peer is kept")
+    ap.add_argument("--general_windows", type=int, default=0,
+                    help="also report diag_teacher_general_codes: the teacher's own vectors routed through a "
+                         "fixed codebook (k-means, same K) fitted on the teacher's embeddings of this many "
+                         "bundled web-text windows, not on the corpus: the ceiling of any general codebook "
+                         "(README 'Filter quality'); 0 = off")
     args = ap.parse_args(argv)
     try:
         return run(args)
@@ -292,10 +319,12 @@ def run(args) -> dict:
         m_docs = m2v.encode(docs)
         speed["model2vec"] = len(docs) / (time.time() - t0)
         speed["ratio_vs_model2vec"] = student_pps / speed["model2vec"]
-        m_code, m_order, k_m = kmeans_lists(m_docs, m2v.encode(queries), K, args.seed)
-        curve, rows = recall_curves(m_code, m_order, rel_docs)
-        results["model2vec_ivf"] = {"recall_at_fraction": curve, "n_probe": rows,
-                                    "perplexity": perplexity(m_code, k_m), "codes": k_m}
+        m_queries = m2v.encode(queries)
+        for key, center in (("model2vec_ivf", False), ("model2vec_ivf_centred", True)):
+            m_code, m_order, k_m = kmeans_lists(m_docs, m_queries, K, args.seed, center)
+            curve, rows = recall_curves(m_code, m_order, rel_docs)
+            results[key] = {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(m_code, k_m),
+                            "codes": k_m}
     # the model's vectors with lists fitted to this corpus, exactly as the peers' IVF is built (what
     # `kmer_index.py --lists corpus` does); then where recall is lost: exact search on the model's own
     # code-space vectors, and teacher queries against its decoded passages (teacher space)
@@ -304,12 +333,19 @@ def run(args) -> dict:
     curve, rows = recall_curves(o_code, o_order, rel_docs)
     results["kmer_vqvae_ivf"] = {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(o_code, k_o),
                                  "codes": k_o}
-    report_two_stage = two_stage(o_code, o_order, q_emb, d_emb, rel_docs)
+    c_code, c_order, k_c = kmeans_lists(p_vec, q_vec, K, args.seed, center=True)
+    curve, rows = recall_curves(c_code, c_order, rel_docs)
+    results["kmer_vqvae_ivf_centred"] = {"recall_at_fraction": curve, "n_probe": rows,
+                                         "perplexity": perplexity(c_code, k_c), "codes": k_c}
+    report_two_stage = two_stage(c_code, c_order, q_emb, d_emb, rel_docs)
     results["diag_exact_own_vectors"] = {"recall_at_fraction": exact_recall(q_vec, p_vec, rel_docs)}
     with torch.no_grad():
         p_dec = F.normalize(filt.model.decode(p_out["z_code"]), dim=-1).numpy()
     results["diag_teacher_q_x_own_p"] = {"recall_at_fraction": exact_recall(q_emb, p_dec, rel_docs)}
     results["diag_decoded_cos"] = {"passages": float((p_dec * d_emb).sum(1).mean())}
+    if args.general_windows:
+        results["diag_teacher_general_codes"] = general_codebook_row(teacher, filt, d_emb, q_emb, rel_docs, K,
+                                                                     args.general_windows, args.seed)
     rng = np.random.default_rng(args.seed)
     rand_code = rng.integers(K, size=len(docs))
     rand_order = np.stack([rng.permutation(K) for _ in queries])

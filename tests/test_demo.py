@@ -28,3 +28,12 @@ def test_quick_demo_chain(tmp_path, teacher_cache_dir, capsys):
     # Phase 1a reports codebook health at each eval after the k-means init (steps 20 and 40 here)
     assert [h[0] for h in r["p1"]["health"]] == [20, 40]
     assert "lowest perplexity / utilisation over its 2 evals after the k-means init" in out
+    # the general-codebook ceiling row: the teacher's vectors through a codebook fitted on web text
+    import eval_filter
+    g = eval_filter.main(["--checkpoint", str(tmp_path / "kmer_vqvae_phase2_aligned.pt"), "--dataset", "cisi",
+                          "--teacher_cache", teacher_cache_dir, "--no_model2vec", "--general_windows", "40",
+                          "--output_dir", str(tmp_path / "general")])["methods"]["diag_teacher_general_codes"]
+    assert g["windows"] == 40 and g["codes"] == min(40, methods["kmer_vqvae"]["codes"])
+    kept, recall = [r["fraction_kept"] for r in g["n_probe"]], [r["recall"] for r in g["n_probe"]]
+    assert kept == sorted(kept) and recall == sorted(recall) and 0 < kept[-1] <= 1  # more probes keep more
+    assert 0 <= g["recall_at_fraction"]["0.01"] <= g["recall_at_fraction"]["0.05"] <= 1
