@@ -45,6 +45,10 @@ class Phase1bConfig(CommonConfig):
     diversity_weight: float = opt(0.2, "diversity loss weight", min=0)
     continuous_weight: float = opt(1.0, "cosine loss weight on the continuous path", min=0)
     relational_weight: float = opt(0.0, "in-batch similarity-matrix loss weight", min=0)
+    center_targets: bool = opt(True, "cosine losses compare decoded and target minus the held-out domain targets' "
+                               "mean (Phase 1a's objective; README 'Filter quality')")
+    contrastive_weight: float = opt(1.0, "weight of the in-batch InfoNCE between decoded vectors and targets", min=0)
+    contrastive_temperature: float = opt(0.05, "InfoNCE temperature", gt=0)
     train_windows: int = opt(0, "distinct training windows, cycled (0 = the whole stream)", min=0)
     shuffle_buffer: int = opt(4096, "windows in the shuffle buffer", min=1)
     health_size: int = opt(20_000, "held-out windows (each of domain and web text) for codebook health; "
@@ -58,6 +62,9 @@ PRESETS = {
     "demo": dict(data="sample", batch_size=32, lr=1e-4, max_steps=200, warmup_steps=20, eval_every=100, eval_size=400,
                  health_size=5000, train_windows=1600, shuffle_buffer=1024,
                  phase1a_checkpoint="runs/demo/kmer_vqvae_phase1.pt", output="runs/demo/kmer_vqvae_phase1b_lora.pt"),
+    "cpu": dict(data="sample", batch_size=32, lr=1e-4, max_steps=200, warmup_steps=20, eval_every=100, eval_size=400,
+                health_size=5000, train_windows=1600, shuffle_buffer=1024,
+                phase1a_checkpoint="runs/cpu/kmer_vqvae_phase1.pt", output="runs/cpu/kmer_vqvae_phase1b_lora.pt"),
     "full": dict(data="hub", batch_size=256, lr=1e-4, max_steps=3000, warmup_steps=100, eval_every=500, eval_size=20_000,
                  output="kmer_vqvae_phase1b_lora.pt"),
 }
@@ -102,6 +109,7 @@ def main(cfg: Phase1bConfig) -> dict:
     if not domain_eval or not web_eval:
         raise UserError("no held-out windows for the domain or web-text eval: check the validation files")
     domain_t, web_t = teacher.embed(domain_eval), teacher.embed(web_eval)
+    center = domain_t.float().mean(0).to(device) if cfg.center_targets else None
     stream = WindowStream(lambda: docs("train", cfg.train_windows == 0), tok, seed=cfg.seed,
                           shuffle_buffer=cfg.shuffle_buffer, pool_size=cfg.train_windows)
 
@@ -144,7 +152,9 @@ def main(cfg: Phase1bConfig) -> dict:
         b = tok.encode_windows(windows)
         mask = b["attention_mask"].to(device)
         out = train_model(b["input_ids"].to(device), mask, teacher=targets,
-                          continuous_weight=cfg.continuous_weight, relational_weight=cfg.relational_weight)
+                          continuous_weight=cfg.continuous_weight, relational_weight=cfg.relational_weight,
+                          target_center=center, contrastive_weight=cfg.contrastive_weight,
+                          contrastive_temperature=cfg.contrastive_temperature)
         loss = out["loss"] + cfg.diversity_weight * out["diversity_term"]
         return loss, {"cos_q": float(out["cos_q"]), "cos_e": float(out["cos_e"])}, int(mask.sum()) * world
 
