@@ -45,15 +45,22 @@ class Phase2Config(CommonConfig):
     query_distill_weight: float = opt(1.0, "weight of a second objective: each query, through the query adapter and "
                                       "the frozen decoder, lands where the teacher puts it (centred cosine + InfoNCE; "
                                       "0 = off). Keeps the adapter general beyond the few pair sources", min=0)
+    align_weight: float = opt(0.0, "weight of 1 - cos(query, its passage) in code space: pulls each query onto its "
+                              "passage in absolute terms (InfoNCE only ranks it first in the batch)", min=0)
+    code_weight: float = opt(0.0, "weight of a cross-entropy that each query's code scores (cosine / --temperature) "
+                             "pick its passage's code", min=0)
 
 
 PRESETS = {
     "tiny": dict(data="sample", batch_size=8, max_steps=12, warmup_steps=2, eval_every=6, eval_size=32, eval_batch_size=8,
                  log_every=3, checkpoint="runs/tiny/kmer_vqvae_phase1b_lora.pt",
                  output="runs/tiny/kmer_vqvae_phase2_aligned.pt"),
-    "demo": dict(data="sample", batch_size=64, lr=1e-3, max_steps=300, warmup_steps=20, eval_every=100, eval_size=512,
+    "demo": dict(data="sample", batch_size=64, lr=1e-4, max_steps=300, warmup_steps=20, eval_every=100, eval_size=512,
                  train_pairs=4000, checkpoint="runs/demo/kmer_vqvae_phase1b_lora.pt",
                  output="runs/demo/kmer_vqvae_phase2_aligned.pt"),
+    "cpu": dict(data="sample", batch_size=64, lr=1e-4, max_steps=300, warmup_steps=20, eval_every=100, eval_size=512,
+                train_pairs=4000, checkpoint="runs/cpu/kmer_vqvae_phase1b_lora.pt",
+                output="runs/cpu/kmer_vqvae_phase2_aligned.pt"),
     "full": dict(data="hub", batch_size=256, lr=3e-4, max_steps=5000, warmup_steps=200, eval_every=500, eval_size=4096,
                  eval_batch_size=64, output="kmer_vqvae_phase2_aligned.pt"),
 }
@@ -70,6 +77,19 @@ def inbatch_metrics(q: torch.Tensor, p: torch.Tensor, q_codes=None, p_codes=None
     if q_codes is not None:
         out["code_match_rate"] = float((q_codes == p_codes).float().mean())
     return out
+
+
+def align_loss(zq: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """Mean 1 - cos(query, its passage): 0 when each query sits on its passage."""
+    return (1 - F.cosine_similarity(zq, zp, dim=-1)).mean()
+
+
+def code_match_loss(quantizer, zq: torch.Tensor, zp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy that each query's code scores (cosine / temperature) pick its passage's nearest
+    code; the passage's code is the label (no gradient through it)."""
+    with torch.no_grad():
+        p_code = quantizer.similarity(zp).argmax(1)
+    return F.cross_entropy(quantizer.similarity(zq) / temperature, p_code)
 
 
 class FrozenEncoder:
@@ -189,6 +209,14 @@ def main(cfg: Phase2Config) -> dict:
             distill = (1 - F.cosine_similarity(d, t, dim=-1)).mean() + info_nce(d, t, 0.05)
             loss = loss + cfg.query_distill_weight * distill
             logs["query_distill"] = float(distill.detach())
+        if cfg.align_weight > 0:
+            align = align_loss(zq, zp)
+            loss = loss + cfg.align_weight * align
+            logs["align"] = float(align.detach())
+        if cfg.code_weight > 0:
+            code = code_match_loss(model.quantizer, zq, zp, cfg.temperature)
+            loss = loss + cfg.code_weight * code
+            logs["code"] = float(code.detach())
         with torch.no_grad():
             acc = float(((zq @ zp.T).argmax(1) == torch.arange(len(batch), device=zq.device)).float().mean())
         return loss, {"train_q2p_acc": acc, **logs}, len(batch) * world

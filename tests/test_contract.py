@@ -201,3 +201,25 @@ def test_checkpoint_rng_state_restores_every_generator(tmp_path):
     again = (torch.randn(4), np.random.rand(4), [random.random() for _ in range(4)], np.random.randn(2))
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
     assert first[2] == again[2] and np.array_equal(first[3], again[3])
+
+
+def test_phase2_align_and_code_match_losses():
+    """align: 1 - cos of matched rows; code match: cross-entropy of the query's code scores against
+    the passage's nearest code."""
+    import vqvae_phase2_train_adapters as p2
+    torch.manual_seed(0)
+    q = _vq(K=6, d=4)
+    q.codebook.data = torch.randn(6, 4)
+    zq = F.normalize(torch.randn(5, 4), dim=-1).requires_grad_()
+    zp = F.normalize(torch.randn(5, 4), dim=-1).requires_grad_()
+    want = (1 - (zq * zp).sum(-1)).mean()
+    assert float(p2.align_loss(zq, zp)) == pytest.approx(float(want), abs=1e-6)
+    assert float(p2.align_loss(zp, zp)) == pytest.approx(0.0, abs=1e-6)
+    cb = F.normalize(q.codebook, dim=-1)
+    label = (zp @ cb.T).argmax(1)
+    logits = zq @ cb.T / 0.07
+    want = -logits.log_softmax(1)[torch.arange(5), label].mean()
+    got = p2.code_match_loss(q, zq, zp, 0.07)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    got.backward()
+    assert zq.grad.abs().sum() > 0
