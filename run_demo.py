@@ -1,6 +1,7 @@
 """The whole pipeline on the bundled samples, on CPU, offline: Phase 1a -> 1b -> 2 -> filter eval.
 
     python run_demo.py                      # writes runs/demo/, ~15 minutes on a 2-core CPU
+    python run_demo.py --preset cpu         # the longer CPU recipe: writes runs/cpu/ (README "The CPU recipe")
     python run_demo.py --run_dir runs/x --quick     # a shortened chain (what the tests run)
 
 Ends with a summary table of each phase's key metrics and the path of the recall plot.
@@ -33,13 +34,15 @@ QUICK = {"p1": ["--max_steps", "40", "--vq_warmup_steps", "10", "--eval_every", 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run_dir", default="runs/demo")
+    ap.add_argument("--preset", default="demo", choices=("demo", "cpu"),
+                    help="demo: minutes; cpu: the longer CPU recipe (README 'The CPU recipe')")
+    ap.add_argument("--run_dir", default="", help="default: runs/<preset>")
     ap.add_argument("--quick", action="store_true", help="shortened chain, for tests")
     ap.add_argument("--teacher_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher"))
     ap.add_argument("--model2vec_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae"),
                     help="where the distilled Model2Vec peer is kept (distilled once, ~15-80 s)")
     args = ap.parse_args(argv)
-    d, t0 = args.run_dir, time.time()
+    d, t0 = args.run_dir or os.path.join("runs", args.preset), time.time()
     common = ["--teacher_cache", args.teacher_cache, "--wandb_mode", "disabled", "--overwrite"]  # says so when it does
     ck1, ck1b, ck2 = (os.path.join(d, n) for n in ("kmer_vqvae_phase1.pt", "kmer_vqvae_phase1b_lora.pt",
                                                    "kmer_vqvae_phase2_aligned.pt"))
@@ -47,12 +50,12 @@ def main(argv=None) -> dict:
 
     print("== Phase 1a: distil the teacher through a vector-quantised bottleneck (web text)", flush=True)
     r1 = p1.main(parse_config(p1.Phase1Config, p1.PRESETS,
-                              ["--preset", "demo", "--output", ck1, *common, *extra["p1"]]))
+                              ["--preset", args.preset, "--output", ck1, *common, *extra["p1"]]))
     print("== Phase 1b: LoRA on Q,V for academic + conversational text", flush=True)
-    r1b = p1b.main(parse_config(p1b.Phase1bConfig, p1b.PRESETS, ["--preset", "demo", "--phase1a_checkpoint", ck1,
+    r1b = p1b.main(parse_config(p1b.Phase1bConfig, p1b.PRESETS, ["--preset", args.preset, "--phase1a_checkpoint", ck1,
                                                                   "--output", ck1b, *common, *extra["p1b"]]))
     print("== Phase 2: query/passage adapters (InfoNCE)", flush=True)
-    r2 = p2.main(parse_config(p2.Phase2Config, p2.PRESETS, ["--preset", "demo", "--checkpoint", ck1b,
+    r2 = p2.main(parse_config(p2.Phase2Config, p2.PRESETS, ["--preset", args.preset, "--checkpoint", ck1b,
                                                              "--output", ck2, *common, *extra["p2"]]))
     evals = {}
     for name in ("cisi",) if args.quick else ("squad", "cisi"):
@@ -67,7 +70,10 @@ def main(argv=None) -> dict:
 
 FILTER_ROWS = (("kmer_vqvae", "k-mer VQ-VAE, the model's own codes"),
                ("kmer_vqvae_ivf", "k-mer VQ-VAE vectors + IVF fitted to the corpus"),
-               ("model2vec_ivf", "Model2Vec (same teacher) + IVF"), ("ivf_teacher", "IVF on the teacher"),
+               ("model2vec_ivf", "Model2Vec (same teacher) + IVF"),
+               ("kmer_vqvae_ivf_centred", "k-mer VQ-VAE vectors + IVF, corpus mean subtracted (kmer_index.py)"),
+               ("model2vec_ivf_centred", "Model2Vec + IVF, corpus mean subtracted"),
+               ("ivf_teacher", "IVF on the teacher"),
                ("exact_teacher", "exact teacher top-k"), ("random", "random codes"))
 
 
