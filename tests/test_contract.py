@@ -212,14 +212,14 @@ def test_phase2_align_and_code_match_losses():
     q.codebook.data = torch.randn(6, 4)
     zq = F.normalize(torch.randn(5, 4), dim=-1).requires_grad_()
     zp = F.normalize(torch.randn(5, 4), dim=-1).requires_grad_()
-    want = (1 - (zq * zp).sum(-1)).mean()
-    assert float(p2.align_loss(zq, zp)) == pytest.approx(float(want), abs=1e-6)
-    assert float(p2.align_loss(zp, zp)) == pytest.approx(0.0, abs=1e-6)
+    want = (1 - (zq * zp).sum(-1)).mean().detach()
+    assert float(p2.align_loss(zq, zp).detach()) == pytest.approx(float(want), abs=1e-6)
+    assert float(p2.align_loss(zp, zp).detach()) == pytest.approx(0.0, abs=1e-6)
     cb = F.normalize(q.codebook, dim=-1)
     label = (zp @ cb.T).argmax(1)
     logits = zq @ cb.T / 0.07
     want = -logits.log_softmax(1)[torch.arange(5), label].mean()
     got = p2.code_match_loss(q, zq, zp, 0.07)
-    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     got.backward()
     assert zq.grad.abs().sum() > 0
