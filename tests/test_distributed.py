@@ -73,6 +73,7 @@ def work(rank, out):
             loss = loss * float("nan")  # only this rank sees it
         tc._apply_step(cfg, loss, list(model.parameters()), opt, state)
     torch.save({{"w": model.module.weight.detach(), "skipped": state.skipped_nonfinite}}, f"{{out}}/rank{{rank}}.pt")
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort at exit otherwise)
     dist.destroy_process_group()
 
 if __name__ == "__main__":
