@@ -106,6 +106,12 @@ def recall_curves(code_of_doc: np.ndarray, probe_order: np.ndarray, rel_docs: li
     return curve, rows
 
 
+def lists_row(code_of_doc: np.ndarray, probe_order: np.ndarray, K: int, rel_docs) -> dict:
+    """One report row for any list assignment: recall curve, n-probe table, corpus perplexity, K."""
+    curve, rows = recall_curves(code_of_doc, probe_order, rel_docs)
+    return {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(code_of_doc, K), "codes": K}
+
+
 def exact_recall(q_emb: np.ndarray, d_emb: np.ndarray, rel_docs, fractions=FRACTIONS) -> dict:
     """Teacher exact top-k at the same budget (fractional k counted by expected share)."""
     sims = q_emb @ d_emb.T
@@ -195,17 +201,17 @@ def general_codebook_row(teacher, filt, d_emb, q_emb, rel_docs, K: int, n_window
     what a fixed codebook could reach with a perfect student."""
     from vqvae_phase1_model import spherical_kmeans
     from data_common import parse_weights
+    from vqvae_phase1_train import PRESETS
     from vqvae_phase1a_data_webtext import WEBTEXT_SOURCES, eval_windows, webtext_documents
-    weights = parse_weights("wikitext=0.15,c4=0.25,wikipedia=0.6", WEBTEXT_SOURCES)  # the demo's Phase 1a mix
+    weights = parse_weights(PRESETS["demo"]["sources"], WEBTEXT_SOURCES)  # the demo's Phase 1a mix
     docs = webtext_documents("sample", "validation", weights, cycle=False)
     windows = eval_windows(docs, filt.model.tokenizer(), n_windows)[:n_windows]
     g = teacher.embed(windows).float()
     teacher.flush()
     codebook = F.normalize(spherical_kmeans(g, min(K, len(windows)), iters=20, seed=seed)[0], dim=-1).numpy()
-    code = (d_emb @ codebook.T).argmax(1)
-    curve, rows = recall_curves(code, np.argsort(-(q_emb @ codebook.T), axis=1), rel_docs)
-    return {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(code, len(codebook)),
-            "codes": len(codebook), "windows": len(windows)}
+    row = lists_row((d_emb @ codebook.T).argmax(1), np.argsort(-(q_emb @ codebook.T), axis=1), len(codebook),
+                    rel_docs)
+    return {**row, "windows": len(windows)}
 
 
 def plot(results: dict, path: str, title: str):
@@ -289,9 +295,7 @@ def run(args) -> dict:
     q_out = filt.encode(queries, role="query", top_n=K)
     doc_code = p_out["indices"].numpy()
     results = {}
-    curve, rows = recall_curves(doc_code, q_out["top_indices"].numpy(), rel_docs)
-    results["kmer_vqvae"] = {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(doc_code, K),
-                             "codes": K}
+    results["kmer_vqvae"] = lists_row(doc_code, q_out["top_indices"].numpy(), K, rel_docs)
 
     # 3. anchors: IVF on teacher, random, exact teacher
     try:
@@ -306,9 +310,7 @@ def run(args) -> dict:
     q_emb = teacher.embed(queries).float().numpy()
     teacher.flush()
     ivf_code, ivf_order, k_ivf = ivf_on_teacher(d_emb, q_emb, K, args.seed)
-    curve, rows = recall_curves(ivf_code, ivf_order, rel_docs)
-    results["ivf_teacher"] = {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(ivf_code, k_ivf),
-                              "codes": k_ivf}
+    results["ivf_teacher"] = lists_row(ivf_code, ivf_order, k_ivf, rel_docs)
     speed = {"kmer_vqvae": student_pps, "teacher": teacher_pps, "ratio": student_pps / teacher_pps}
     # the cheap-encoder peer: Model2Vec from the same teacher + IVF with the same number of lists
     if not args.no_model2vec:
@@ -322,21 +324,15 @@ def run(args) -> dict:
         m_queries = m2v.encode(queries)
         for key, center in (("model2vec_ivf", False), ("model2vec_ivf_centred", True)):
             m_code, m_order, k_m = kmeans_lists(m_docs, m_queries, K, args.seed, center)
-            curve, rows = recall_curves(m_code, m_order, rel_docs)
-            results[key] = {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(m_code, k_m),
-                            "codes": k_m}
+            results[key] = lists_row(m_code, m_order, k_m, rel_docs)
     # the model's vectors with lists fitted to this corpus, exactly as the peers' IVF is built (what
     # `kmer_index.py --lists corpus` does); then where recall is lost: exact search on the model's own
     # code-space vectors, and teacher queries against its decoded passages (teacher space)
     p_vec, q_vec = p_out["z_code"].numpy(), q_out["z_code"].numpy()
     o_code, o_order, k_o = kmeans_lists(p_vec, q_vec, K, args.seed)
-    curve, rows = recall_curves(o_code, o_order, rel_docs)
-    results["kmer_vqvae_ivf"] = {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(o_code, k_o),
-                                 "codes": k_o}
+    results["kmer_vqvae_ivf"] = lists_row(o_code, o_order, k_o, rel_docs)
     c_code, c_order, k_c = kmeans_lists(p_vec, q_vec, K, args.seed, center=True)
-    curve, rows = recall_curves(c_code, c_order, rel_docs)
-    results["kmer_vqvae_ivf_centred"] = {"recall_at_fraction": curve, "n_probe": rows,
-                                         "perplexity": perplexity(c_code, k_c), "codes": k_c}
+    results["kmer_vqvae_ivf_centred"] = lists_row(c_code, c_order, k_c, rel_docs)
     report_two_stage = two_stage(c_code, c_order, q_emb, d_emb, rel_docs)
     results["diag_exact_own_vectors"] = {"recall_at_fraction": exact_recall(q_vec, p_vec, rel_docs)}
     with torch.no_grad():
@@ -349,8 +345,7 @@ def run(args) -> dict:
     rng = np.random.default_rng(args.seed)
     rand_code = rng.integers(K, size=len(docs))
     rand_order = np.stack([rng.permutation(K) for _ in queries])
-    curve, rows = recall_curves(rand_code, rand_order, rel_docs)
-    results["random"] = {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(rand_code, K), "codes": K}
+    results["random"] = lists_row(rand_code, rand_order, K, rel_docs)
     results["exact_teacher"] = {"recall_at_fraction": exact_recall(q_emb, d_emb, rel_docs)}
 
     # 4. report

@@ -103,6 +103,11 @@ def probe_lists(order: np.ndarray, offsets: np.ndarray, members: np.ndarray, n_p
     return probe, np.concatenate([members[offsets[k]:offsets[k + 1]] for k in probe])
 
 
+def centred(vectors: np.ndarray, center) -> np.ndarray:
+    """Vectors as routed: minus the index's corpus mean when it has one."""
+    return vectors if center is None else vectors - center
+
+
 class Index:
     """An index in memory: centroids, codes, ids, sources; `search` gives candidate passages."""
 
@@ -150,8 +155,7 @@ class Index:
         N = len(self.codes)
         limit = budget * N if 0 < budget < 1 else budget
         out = []
-        q_vec = q_vec - self.center if self.center is not None else q_vec
-        for order in np.argsort(-(q_vec @ self.centroids.T), axis=1, kind="stable"):
+        for order in np.argsort(-(centred(q_vec, self.center) @ self.centroids.T), axis=1, kind="stable"):
             probe, cand = probe_lists(order, self.offsets, self.members, n_probe, limit)
             out.append({"codes": probe.tolist(), "candidates": cand, "fraction_kept": len(cand) / max(1, N)})
         return out
@@ -202,8 +206,7 @@ def build(args) -> Index:
                     v = encode_vectors(filt, [t for _, t, _ in chunk], "passage")
                     dim = v.shape[1]
                     if centroids is not None:
-                        codes.append(((v - center if center is not None else v) @ centroids.T).argmax(1)
-                                     .astype(np.int32))
+                        codes.append((centred(v, center) @ centroids.T).argmax(1).astype(np.int32))
                     else:
                         sp.write(v.astype(np.float16).tobytes())
                     ids += [i for i, _, _ in chunk]
@@ -219,11 +222,10 @@ def build(args) -> Index:
             sample = np.asarray(V[fit], dtype=np.float32)
             # the corpus's mean vector: a one-domain corpus shares a large common direction that would
             # otherwise dominate the cosine between its passages (README "Filter quality")
-            center = np.zeros(dim, np.float32) if args.no_center else sample.mean(0)
-            centroids = spherical_kmeans(torch.from_numpy(sample - center), K, seed=args.seed)[0].numpy()
-            codes = [((np.asarray(V[i:i + 65536], dtype=np.float32) - center) @ centroids.T).argmax(1)
+            center = None if args.no_center else sample.mean(0)
+            centroids = spherical_kmeans(torch.from_numpy(centred(sample, center)), K, seed=args.seed)[0].numpy()
+            codes = [(centred(np.asarray(V[i:i + 65536], dtype=np.float32), center) @ centroids.T).argmax(1)
                      .astype(np.int32) for i in range(0, len(ids), 65536)]
-            center = None if args.no_center else center
             del V
     finally:
         if os.path.exists(spool):

@@ -101,13 +101,6 @@ PRESETS = {
                  kmeans_samples=6000, eval_every=800, eval_size=500, health_size=12_000, log_every=50,
                  train_windows=8000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
                  shuffle_buffer=2048, max_tokens_total=0, output="runs/demo/kmer_vqvae_phase1.pt"),
-    # cpu: the demo's recipe, longer and wider, for a 2-core CPU in well under 2 hours (README "The CPU
-    # recipe"): d_model 384, 16,000 teacher-labelled windows, 8,000 steps (the block trains the last 400)
-    "cpu": dict(data="sample", d_model=384, n_layers=1, n_heads=4, num_codes=256, batch_size=32, static_windows=32,
-                lr=1e-3, max_steps=8000, warmup_steps=50, lexicon_steps=1000, bag_steps=6600, vq_warmup_steps=2000,
-                kmeans_samples=6000, eval_every=2000, eval_size=500, health_size=12_000, log_every=100,
-                train_windows=16000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
-                shuffle_buffer=2048, max_tokens_total=0, output="runs/cpu/kmer_vqvae_phase1.pt"),
     # full: the demo's recipe at scale (README "Filter quality"; not yet run at this size): 2,000 word
     # steps, 500 bag steps, then the 4 blocks train; 128 static-target windows beside every 256 labelled
     # ones. The 200M k-mer budget ends the run near step 4,100 and the lr schedule ends with it.
@@ -115,6 +108,13 @@ PRESETS = {
                  bag_steps=500, vq_warmup_steps=800, eval_every=500, eval_size=50_000, lexicon_size=100_000,
                  output="kmer_vqvae_phase1.pt"),
 }
+
+
+# cpu: the demo's recipe, longer and wider, for a 2-core CPU in well under 2 hours (README "The CPU
+# recipe"): d_model 384, 16,000 teacher-labelled windows, 8,000 steps (the block trains the last 400)
+PRESETS["cpu"] = {**PRESETS["demo"], "d_model": 384, "max_steps": 8000, "bag_steps": 6600,
+                  "vq_warmup_steps": 2000, "eval_every": 2000, "log_every": 100, "train_windows": 16000,
+                  "output": "runs/cpu/kmer_vqvae_phase1.pt"}
 
 
 def model_config(cfg) -> dict:

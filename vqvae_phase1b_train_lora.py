@@ -62,12 +62,11 @@ PRESETS = {
     "demo": dict(data="sample", batch_size=32, lr=1e-4, max_steps=200, warmup_steps=20, eval_every=100, eval_size=400,
                  health_size=5000, train_windows=1600, shuffle_buffer=1024,
                  phase1a_checkpoint="runs/demo/kmer_vqvae_phase1.pt", output="runs/demo/kmer_vqvae_phase1b_lora.pt"),
-    "cpu": dict(data="sample", batch_size=32, lr=1e-4, max_steps=200, warmup_steps=20, eval_every=100, eval_size=400,
-                health_size=5000, train_windows=1600, shuffle_buffer=1024,
-                phase1a_checkpoint="runs/cpu/kmer_vqvae_phase1.pt", output="runs/cpu/kmer_vqvae_phase1b_lora.pt"),
     "full": dict(data="hub", batch_size=256, lr=1e-4, max_steps=3000, warmup_steps=100, eval_every=500, eval_size=20_000,
                  output="kmer_vqvae_phase1b_lora.pt"),
 }
+PRESETS["cpu"] = {**PRESETS["demo"], "phase1a_checkpoint": "runs/cpu/kmer_vqvae_phase1.pt",
+                  "output": "runs/cpu/kmer_vqvae_phase1b_lora.pt"}  # the CPU recipe: the demo's Phase 1b
 
 
 def build_model(cfg, parent: dict, device):

@@ -58,12 +58,11 @@ PRESETS = {
     "demo": dict(data="sample", batch_size=64, lr=1e-4, max_steps=300, warmup_steps=20, eval_every=100, eval_size=512,
                  train_pairs=4000, checkpoint="runs/demo/kmer_vqvae_phase1b_lora.pt",
                  output="runs/demo/kmer_vqvae_phase2_aligned.pt"),
-    "cpu": dict(data="sample", batch_size=64, lr=1e-4, max_steps=300, warmup_steps=20, eval_every=100, eval_size=512,
-                train_pairs=4000, checkpoint="runs/cpu/kmer_vqvae_phase1b_lora.pt",
-                output="runs/cpu/kmer_vqvae_phase2_aligned.pt"),
     "full": dict(data="hub", batch_size=256, lr=3e-4, max_steps=5000, warmup_steps=200, eval_every=500, eval_size=4096,
                  eval_batch_size=64, output="kmer_vqvae_phase2_aligned.pt"),
 }
+PRESETS["cpu"] = {**PRESETS["demo"], "checkpoint": "runs/cpu/kmer_vqvae_phase1b_lora.pt",
+                  "output": "runs/cpu/kmer_vqvae_phase2_aligned.pt"}  # the CPU recipe: the demo's Phase 2
 
 
 def inbatch_metrics(q: torch.Tensor, p: torch.Tensor, q_codes=None, p_codes=None) -> dict:
