@@ -5,7 +5,8 @@
     python benchmark.py --device cuda --compile           # bf16 autocast on CUDA, optionally compiled
 
 Prints a markdown table: tokenizer (k-mer vs the teacher's WordPiece), encoding of ~40-character
-queries and ~400-character passages (vs SentenceTransformer.encode), and training k-mers/s and
+queries and ~400-character passages (vs SentenceTransformer.encode; also with int8 dynamic
+quantisation on CPU and, for bag-path models, with the weighted bag alone), and training k-mers/s and
 peak memory for one step shape of each phase. Speed does not depend on trained weights, so an
 untrained default-config model measures the same as a trained one.
 """
@@ -111,11 +112,19 @@ def main():
     t_w = timed(lambda: teacher.model.tokenizer(passages, truncation=True, max_length=256, padding=True), args.repeats)
     rows.append(("tokenizer, ~400-char passages", len(passages) / t_k, len(passages) / t_w, f"{n_kmers / t_k:,.0f} k-mers/s"))
 
-    # 2. encoding
+    # 2. encoding, and the inference variants (int8 dynamic quantisation on CPU, the bag alone)
+    variants = [("", f)]
+    if device.type == "cpu":
+        variants.append((", int8 Linear layers", f.inference_variant(int8=True)))
+    if f.model.config.bag_path:
+        variants.append((", bag only (no blocks)", f.inference_variant(bag_only=True)))
+        if device.type == "cpu":
+            variants.append((", bag only + int8", f.inference_variant(int8=True, bag_only=True)))
     for name, items in (("encode ~40-char queries", queries), ("encode ~400-char passages", passages)):
-        t_s = timed(lambda: f.encode(items, batch_size=args.batch_size), args.repeats)
         t_t = timed(lambda: teacher.encode_uncached(items), args.repeats)
-        rows.append((name, len(items) / t_s, len(items) / t_t, ""))
+        for suffix, g in variants:
+            t_s = timed(lambda: g.encode(items, batch_size=args.batch_size), args.repeats)
+            rows.append((name + suffix, len(items) / t_s, len(items) / t_t, ""))
 
     # 3. training step shapes (k-mers/s, peak memory), default config unless a checkpoint is given
     cfg = f.model.config_dict()

@@ -257,6 +257,10 @@ def main(argv=None) -> dict:
                          "fixed codebook (k-means, same K) fitted on the teacher's embeddings of this many "
                          "bundled web-text windows, not on the corpus: the ceiling of any general codebook "
                          "(README 'Filter quality'); 0 = off")
+    ap.add_argument("--int8", action="store_true", help="encode with int8 dynamic quantisation of every Linear "
+                                                       "layer (CPU; the report's name gets _int8)")
+    ap.add_argument("--bag_only", action="store_true", help="encode with the weighted bag alone, skipping the "
+                                                           "transformer blocks (bag_path checkpoints; name gets _bag)")
     args = ap.parse_args(argv)
     try:
         return run(args)
@@ -288,6 +292,11 @@ def run(args) -> dict:
         filt = load_pretrained(args.checkpoint)
     except CheckpointError as e:
         raise UserError(str(e)) from None
+    if args.int8 or args.bag_only:
+        try:
+            filt = filt.inference_variant(int8=args.int8, bag_only=args.bag_only)
+        except ValueError as e:
+            raise UserError(str(e)) from None
     K = filt.model.config.num_codes
     t0 = time.time()
     p_out = filt.encode(docs, role="passage")
@@ -351,12 +360,13 @@ def run(args) -> dict:
     # 4. report
     out_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out_dir, exist_ok=True)
-    report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "passages": len(docs),
+    report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "int8": args.int8,
+              "bag_only": args.bag_only, "passages": len(docs),
               "queries": len(queries), "methods": results,
               "passages_per_s": speed, "two_stage_recall_at_10": report_two_stage, **extra}
     # named by checkpoint and dataset: evaluations of different checkpoints or sets never overwrite each other
     name = args.dataset if args.dataset != "beir" else os.path.basename(os.path.normpath(args.beir_dir))
-    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    stem = os.path.splitext(os.path.basename(args.checkpoint))[0] + "_int8" * args.int8 + "_bag" * args.bag_only
     json_path = os.path.join(out_dir, f"{stem}_{name}_filter_eval.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)

@@ -712,7 +712,8 @@ class KmerVQVAE(nn.Module):
 
     def decode(self, z_code: torch.Tensor) -> torch.Tensor:
         """Code-space vector -> teacher space."""
-        return self.decoder(self.quantizer.out_proj(z_code).to(self.decoder[0].weight.dtype))
+        w = self.decoder[0].weight  # a method, not a tensor, once int8 dynamic quantisation replaced the layer
+        return self.decoder(self.quantizer.out_proj(z_code).to(w.dtype if isinstance(w, torch.Tensor) else torch.float))
 
     def forward(self, input_ids, attention_mask, teacher=None, text_index=None, num_texts=None,
                 continuous_weight: float = 1.0, relational_weight: float = 0.0, quantize: bool = True,
@@ -869,6 +870,29 @@ class KmerFilter:
         self.model, self.adapters = model.eval(), adapters
         self.tokenizer = model.tokenizer()
         self.checkpoint = checkpoint or {}
+
+    def inference_variant(self, int8: bool = False, bag_only: bool = False) -> "KmerFilter":
+        """A copy for faster inference, measured in benchmark.py and eval_filter.py: `int8` runs every
+        Linear layer with int8 dynamic quantisation (CPU only); `bag_only` skips the transformer blocks
+        and returns the weighted bag (needs `bag_path`; Phase 1b's LoRA lives in the blocks, so it is
+        skipped too)."""
+        import copy
+        model, adapters = copy.deepcopy(self.model), copy.deepcopy(self.adapters)
+        if bag_only:
+            if not model.config.bag_path:
+                raise ValueError("bag_only needs a checkpoint trained with bag_path")
+            model.encoder.bypass_blocks = True
+        if int8:
+            if next(model.parameters()).device.type != "cpu":
+                raise ValueError("int8 dynamic quantisation runs on CPU only")
+            import warnings
+            from torch.ao.quantization import quantize_dynamic
+            with warnings.catch_warnings():  # torch marks its quantised tensors deprecated, not removed
+                warnings.simplefilter("ignore")
+                model = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+                if adapters is not None:
+                    adapters = quantize_dynamic(adapters, {nn.Linear}, dtype=torch.qint8)
+        return KmerFilter(model, adapters, self.checkpoint)
 
     @torch.no_grad()
     def encode(self, texts: list[str], role: str | None = None, top_n: int = 1, batch_size: int = 256) -> dict:

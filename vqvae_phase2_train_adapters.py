@@ -45,6 +45,16 @@ class Phase2Config(CommonConfig):
     query_distill_weight: float = opt(1.0, "weight of a second objective: each query, through the query adapter and "
                                       "the frozen decoder, lands where the teacher puts it (centred cosine + InfoNCE; "
                                       "0 = off). Keeps the adapter general beyond the few pair sources", min=0)
+    passage_distill_weight: float = opt(0.0, "weight of the same objective for passages: each passage, through the "
+                                        "passage adapter and the frozen decoder, lands where the teacher puts it "
+                                        "(needs --train_passage_adapter; 0 = off)", min=0)
+    rank_distill_weight: float = opt(0.0, "weight of a listwise objective in code space: for each query, KL from the "
+                                     "teacher's softmax over a bank of recent training passages to the model's "
+                                     "(cosines / --rank_temperature); passages stay frozen, so the query adapter "
+                                     "learns to rank the model's passages as the teacher ranks its own (0 = off)",
+                                     min=0)
+    rank_bank: int = opt(2048, "distinct recent training passages the listwise objective ranks", min=2)
+    rank_temperature: float = opt(0.05, "temperature of both softmaxes of the listwise objective", gt=0)
     align_weight: float = opt(0.0, "weight of 1 - cos(query, its passage) in code space: pulls each query onto its "
                               "passage in absolute terms (InfoNCE only ranks it first in the batch)", min=0)
     code_weight: float = opt(0.0, "weight of a cross-entropy that each query's code scores (cosine / --temperature) "
@@ -76,6 +86,41 @@ def inbatch_metrics(q: torch.Tensor, p: torch.Tensor, q_codes=None, p_codes=None
     if q_codes is not None:
         out["code_match_rate"] = float((q_codes == p_codes).float().mean())
     return out
+
+
+def distill_loss(decoded: torch.Tensor, target: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """Centred cosine + InfoNCE (temperature 0.05) between decoded vectors and the teacher's, both minus
+    `center` (the direction every target shares), as in Phase 1a."""
+    d, t = decoded.float() - center, target.float() - center
+    return (1 - F.cosine_similarity(d, t, dim=-1)).mean() + info_nce(d, t, 0.05)
+
+
+def rank_distill_loss(zq: torch.Tensor, bank_z: torch.Tensor, tq: torch.Tensor, bank_t: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Listwise distillation: mean over queries of KL(teacher || model) between softmaxes over the bank's
+    passages of cosine / temperature (model: code-space query vs frozen code-space passages; teacher: its
+    own embeddings). Zero when the model ranks the bank exactly as the teacher does, at the same spread."""
+    s_model = F.normalize(zq.float(), dim=-1) @ F.normalize(bank_z.float(), dim=-1).T / temperature
+    s_teacher = F.normalize(tq.float(), dim=-1) @ F.normalize(bank_t.float(), dim=-1).T / temperature
+    return F.kl_div(F.log_softmax(s_model, 1), F.log_softmax(s_teacher, 1), log_target=True, reduction="batchmean")
+
+
+class PassageBank:
+    """The last `size` distinct training passages: frozen code-space vectors and teacher embeddings."""
+
+    def __init__(self, size: int):
+        self.size, self.rows = size, {}
+
+    def add(self, texts, z: torch.Tensor, t: torch.Tensor):
+        for text, zi, ti in zip(texts, z, t):
+            self.rows.pop(text, None)  # re-added: now the most recent
+            self.rows[text] = (zi, ti)
+        while len(self.rows) > self.size:
+            self.rows.pop(next(iter(self.rows)))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        z, t = zip(*self.rows.values())
+        return torch.stack(z), torch.stack(t)
 
 
 def align_loss(zq: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
@@ -161,14 +206,21 @@ def main(cfg: Phase2Config) -> dict:
         raise UserError(f"only {len(held)} held-out pairs; need at least --eval_batch_size {cfg.eval_batch_size}")
     batches = PairBatcher(lambda: pairs("train", cfg.train_pairs == 0), cfg.batch_size, seed=cfg.seed,
                           pool_size=cfg.train_pairs)
-    teacher_emb, teacher, q_center = None, None, None
-    if (cfg.teacher_compare and rank == 0) or cfg.query_distill_weight > 0:
+    if cfg.passage_distill_weight > 0 and not cfg.train_passage_adapter:
+        raise UserError("--passage_distill_weight trains the passage adapter: add --train_passage_adapter")
+    if cfg.rank_distill_weight > 0 and cfg.train_passage_adapter:
+        raise UserError("--rank_distill_weight ranks frozen passages: drop --train_passage_adapter")
+    teacher_emb, teacher, q_center, p_center = None, None, None, None
+    bank = PassageBank(cfg.rank_bank)
+    if (cfg.teacher_compare and rank == 0) or any(w > 0 for w in (cfg.query_distill_weight, cfg.passage_distill_weight,
+                                                                  cfg.rank_distill_weight)):
         try:
             teacher = Teacher.load(cfg.teacher, str(device), cfg.teacher_cache or None, cfg.teacher_batch_size)
         except TeacherError as e:
             raise UserError(str(e)) from None
         teacher_emb = (teacher.embed([q for q, _ in held]), teacher.embed([p for _, p in held]))
         q_center = teacher_emb[0].float().mean(0).to(device)  # the direction every query shares
+        p_center = teacher_emb[1].float().mean(0).to(device)  # and every passage
         teacher.flush()
         if not (cfg.teacher_compare and rank == 0):
             teacher_emb = None
@@ -202,12 +254,21 @@ def main(cfg: Phase2Config) -> dict:
         zp = model.quantizer.project(train_adapters(enc([p for _, p in batch]), "passage"))
         loss = cfg.pair_weight * info_nce(zq, zp, cfg.temperature)
         logs = {}
-        if cfg.query_distill_weight > 0:
-            t = teacher.embed([q for q, _ in batch]).to(device).float() - q_center
-            d = model.decode(zq).float() - q_center  # the frozen decoder: code space -> teacher space
-            distill = (1 - F.cosine_similarity(d, t, dim=-1)).mean() + info_nce(d, t, 0.05)
-            loss = loss + cfg.query_distill_weight * distill
-            logs["query_distill"] = float(distill.detach())
+        for role, z, weight, center in (("query", zq, cfg.query_distill_weight, q_center),
+                                        ("passage", zp, cfg.passage_distill_weight, p_center)):
+            if weight > 0:  # the frozen decoder maps code space to the teacher's space
+                t = teacher.embed([pair[role == "passage"] for pair in batch]).to(device)
+                distill = distill_loss(model.decode(z), t, center)
+                loss = loss + weight * distill
+                logs[f"{role}_distill"] = float(distill.detach())
+        if cfg.rank_distill_weight > 0:
+            passages = [p for _, p in batch]
+            bank.add(passages, zp.detach(), teacher.embed(passages).to(device))
+            bank_z, bank_t = bank.tensors()
+            ranking = rank_distill_loss(zq, bank_z, teacher.embed([q for q, _ in batch]).to(device), bank_t,
+                                        cfg.rank_temperature)
+            loss = loss + cfg.rank_distill_weight * ranking
+            logs["rank_distill"] = float(ranking.detach())
         if cfg.align_weight > 0:
             align = align_loss(zq, zp)
             loss = loss + cfg.align_weight * align

@@ -223,3 +223,33 @@ def test_phase2_align_and_code_match_losses():
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     got.backward()
     assert zq.grad.abs().sum() > 0
+
+
+def test_phase2_distillation_losses_and_passage_bank():
+    """distill: centred cosine + InfoNCE against the teacher; rank: KL(teacher || model) of softmaxes
+    over the bank's passages, zero when the model's cosines are the teacher's; the bank keeps the most
+    recent distinct passages."""
+    import vqvae_phase2_train_adapters as p2
+    from vqvae_phase1_model import info_nce
+    torch.manual_seed(0)
+    d, t, c = torch.randn(6, 5), torch.randn(6, 5), torch.randn(5)
+    want = (1 - F.cosine_similarity(d - c, t - c, dim=-1)).mean() + info_nce(d - c, t - c, 0.05)
+    assert float(p2.distill_loss(d, t, c)) == pytest.approx(float(want), rel=1e-6)
+    assert float(p2.distill_loss(t, t, c)) < float(p2.distill_loss(t.flip(0), t, c))
+    zq, bank_z = torch.randn(4, 5, requires_grad=True), torch.randn(7, 5)
+    tq, bank_t = torch.randn(4, 8), torch.randn(7, 8)
+    got = p2.rank_distill_loss(zq, bank_z, tq, bank_t, 0.1)
+    sm = F.normalize(zq, dim=-1) @ F.normalize(bank_z, dim=-1).T / 0.1
+    st = F.normalize(tq, dim=-1) @ F.normalize(bank_t, dim=-1).T / 0.1
+    pt = st.softmax(1)
+    want = (pt * (pt.log() - sm.log_softmax(1))).sum(1).mean()
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    got.backward()
+    assert zq.grad.abs().sum() > 0
+    same = p2.rank_distill_loss(zq.detach(), bank_z, zq.detach(), bank_z, 0.1)  # model ranks as the teacher
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    bank = p2.PassageBank(3)
+    for i, text in enumerate(["a", "b", "c", "a", "d"]):
+        bank.add([text], torch.full((1, 2), float(i)), torch.full((1, 3), float(i)))
+    z, tt = bank.tensors()
+    assert list(bank.rows) == ["c", "a", "d"] and z[:, 0].tolist() == [2.0, 3.0, 4.0] and tt.shape == (3, 3)

@@ -133,3 +133,37 @@ def test_bag_path_is_the_weighted_mean_of_normalised_kmer_embeddings_plus_the_bl
         assert torch.allclose(model.encode_windows(ids, b["attention_mask"]), want, atol=1e-5)
         plain = KmerVQVAE(**{**tiny_config, "bag_path": False})
         assert not hasattr(plain.encoder, "bag_weight") and hasattr(plain.encoder, "ln_f")
+
+
+def test_inference_variants_int8_and_bag_only(tiny_config):
+    """int8 stays close to float and leaves the original alone; bag_only is exactly the weighted bag."""
+    from lora_adapters import QueryPassageAdapters
+    from vqvae_phase1_model import KmerFilter
+    torch.manual_seed(0)
+    model = KmerVQVAE(**{**tiny_config, "bag_path": True, "d_model": 64, "decoder_hidden": 96})
+    with torch.no_grad():
+        for blk in model.encoder.blocks:  # blocks that add something, so skipping them shows
+            blk.mlp[2].weight.normal_(0, 0.05)
+    adapters = QueryPassageAdapters(d_model=64)
+    with torch.no_grad():
+        adapters.query.down.weight.normal_(0, 0.05)
+    f = KmerFilter(model, adapters)
+    texts = ["a query about quantisation", "a longer passage of text that the filter places into lists"] * 3
+    ref = f.encode(texts, role="query")
+    f8 = f.inference_variant(int8=True)
+    q8 = f8.encode(texts, role="query")
+    assert F.cosine_similarity(q8["z_e"], ref["z_e"]).min() > 0.98
+    assert F.cosine_similarity(q8["z_code"], ref["z_code"]).min() > 0.95
+    b = model.tokenizer()(texts)
+    base, base8 = (g.model.encode_windows(b["input_ids"], b["attention_mask"]) for g in (f, f8))
+    assert not torch.equal(base8, base)  # it did quantise the model, not only the adapters
+    assert F.cosine_similarity(f8.model.decode(q8["z_code"]), model.decode(ref["z_code"])).min() > 0.95
+    assert torch.equal(f.encode(texts, role="query")["z_code"], ref["z_code"])  # the original is untouched
+    bag = f.inference_variant(bag_only=True)
+    model.encoder.bypass_blocks = True
+    want = model.encode(b["input_ids"], b["attention_mask"], b["text_index"], b["num_texts"])["z_e"]
+    model.encoder.bypass_blocks = False
+    got = bag.encode(texts)["z_e"]
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, ref["z_e"], atol=1e-3)
+    with pytest.raises(ValueError, match="bag_path"):
+        KmerFilter(KmerVQVAE(**{**tiny_config, "bag_path": False})).inference_variant(bag_only=True)
