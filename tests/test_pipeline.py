@@ -172,3 +172,20 @@ def test_seed_snippet_verbatim_on_a_phase2_checkpoint(chain):
     assert torch.equal(via["indices"], f.encode(texts, role="query")["indices"])
     with pytest.raises(ValueError, match=r"QueryPassageAdapters\(\*\*ckpt\['adapter_config'\]\)"):
         QueryPassageAdapters(d_model=384).load_state_dict(ckpt["adapter_state_dict"])  # tiny model: d_model 32
+
+
+def test_phase2_passage_and_listwise_distillation_run(chain, teacher_cache_dir):
+    """The two teacher objectives wired into a real Phase 2 run: passage distillation trains the passage
+    adapter; the listwise one trains only the query adapter (the ranked passages stay frozen)."""
+    d = chain["dir"]
+    p2.main(_cfg(p2, p2.Phase2Config, checkpoint=d / "p1b.pt", output=d / "p2_pd.pt", teacher_cache=teacher_cache_dir,
+                 train_passage_adapter=True, passage_distill_weight=1, pair_weight=0, query_distill_weight=0))
+    p2.main(_cfg(p2, p2.Phase2Config, checkpoint=d / "p1b.pt", output=d / "p2_rank.pt", teacher_cache=teacher_cache_dir,
+                 rank_distill_weight=1, rank_bank=16, pair_weight=0, query_distill_weight=0))
+    pd, rank = (load_checkpoint(str(d / n))["adapter_state_dict"] for n in ("p2_pd.pt", "p2_rank.pt"))
+    assert pd["passage.down.weight"].abs().sum() > 0 and pd["query.down.weight"].abs().sum() == 0
+    assert rank["passage.down.weight"].abs().sum() == 0 and rank["query.down.weight"].abs().sum() > 0
+    from train_common import UserError
+    with pytest.raises(UserError, match="--train_passage_adapter"):  # without a trainable passage adapter
+        p2.main(_cfg(p2, p2.Phase2Config, checkpoint=d / "p1b.pt", output=d / "p2_bad.pt",
+                     teacher_cache=teacher_cache_dir, passage_distill_weight=1))
