@@ -63,7 +63,7 @@ def peak_memory_mb(device) -> float:
 def train_step_rate(model, params, step, batch, device, repeats, after=None) -> tuple[float, float]:
     """k-mers/s of one phase's training step shape (plus `after()`, run after the optimizer step),
     and peak memory after it."""
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = tc.adamw(params, lr=1e-4)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -354,6 +354,17 @@ def output_paths(cfg, default_output: str) -> tuple[str, str, str]:
     return out, stem + "_best.pt", cfg.run_dir or stem + "_run"
 
 
+def adamw(params, **kw) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where this torch build has it for these parameters (CPU from torch
+    2.4, CUDA), else the default one: the same update, one pass over each tensor instead of several.
+    On a 2-core CPU the optimizer step over a 131,072-row k-mer table took 22 ms instead of 88 (README)."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, **kw)
+
+
 class WeightAverage:
     """Exponential running average of a model's trainable weights (Polyak averaging).
 

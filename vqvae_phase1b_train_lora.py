@@ -127,7 +127,7 @@ def main(cfg: Phase1bConfig) -> dict:
     if cfg.codebook == "grad":
         groups.append({"params": [model.quantizer.codebook], "lr_scale": cfg.codebook_lr / cfg.lr, "weight_decay": 0.0})
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = tc.adamw(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = LoopState()
     if cfg.resume and os.path.exists(out_path):
         ckpt = load_checkpoint(out_path, phases=("phase1b",))

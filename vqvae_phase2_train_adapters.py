@@ -231,7 +231,7 @@ def main(cfg: Phase2Config) -> dict:
     for n, p in adapters.named_parameters():  # a frozen passage adapter stays the identity (zero output layer)
         p.requires_grad_(cfg.train_passage_adapter or not n.startswith("passage"))
     params = [p for p in adapters.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = tc.adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = LoopState()
     if cfg.resume and os.path.exists(out_path):
         ckpt = load_checkpoint(out_path, phases=("phase2",))
