@@ -15,12 +15,14 @@ This module is pure: no device choice, no argument parsing, no printing, no Hub 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
 import pickle
 import tempfile
 import unicodedata
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -713,7 +715,8 @@ class KmerVQVAE(nn.Module):
     def decode(self, z_code: torch.Tensor) -> torch.Tensor:
         """Code-space vector -> teacher space."""
         w = self.decoder[0].weight  # a method, not a tensor, once int8 dynamic quantisation replaced the layer
-        return self.decoder(self.quantizer.out_proj(z_code).to(w.dtype if isinstance(w, torch.Tensor) else torch.float))
+        dtype = w.dtype if isinstance(w, torch.Tensor) else torch.float
+        return self.decoder(self.quantizer.out_proj(z_code).to(dtype))
 
     def forward(self, input_ids, attention_mask, teacher=None, text_index=None, num_texts=None,
                 continuous_weight: float = 1.0, relational_weight: float = 0.0, quantize: bool = True,
@@ -876,7 +879,6 @@ class KmerFilter:
         Linear layer with int8 dynamic quantisation (CPU only); `bag_only` skips the transformer blocks
         and returns the weighted bag (needs `bag_path`; Phase 1b's LoRA lives in the blocks, so it is
         skipped too)."""
-        import copy
         model, adapters = copy.deepcopy(self.model), copy.deepcopy(self.adapters)
         if bag_only:
             if not model.config.bag_path:
@@ -885,7 +887,6 @@ class KmerFilter:
         if int8:
             if next(model.parameters()).device.type != "cpu":
                 raise ValueError("int8 dynamic quantisation runs on CPU only")
-            import warnings
             from torch.ao.quantization import quantize_dynamic
             with warnings.catch_warnings():  # torch marks its quantised tensors deprecated, not removed
                 warnings.simplefilter("ignore")

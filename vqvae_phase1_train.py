@@ -108,15 +108,15 @@ PRESETS = {
     # steps, 500 bag steps, then the 4 blocks train; 128 static-target windows beside every 256 labelled
     # ones. The 200M k-mer budget ends the run near step 4,100 and the lr schedule ends with it.
     # 131,072 hash buckets, as the demo.
-    "full": dict(data="hub", kmer_buckets=131072, batch_size=256, static_windows=128, max_steps=6000, warmup_steps=200, lexicon_steps=2000,
-                 bag_steps=500, vq_warmup_steps=800, eval_every=500, eval_size=50_000, lexicon_size=100_000,
+    "full": dict(data="hub", kmer_buckets=131072, batch_size=256, static_windows=128, max_steps=6000,
+                 warmup_steps=200, lexicon_steps=2000, bag_steps=500, vq_warmup_steps=800, eval_every=500, eval_size=50_000, lexicon_size=100_000,
                  output="kmer_vqvae_phase1.pt"),
 }
 
 
 # cpu: the demo's recipe, longer and wider, for a 2-core CPU in well under 2 hours (README "The CPU
 # recipe"): d_model 384, 16,000 teacher-labelled windows, 8,000 steps (the block trains the last 400);
-# 32,768 buckets, as measured (the demo's 65,536 were not run at this size)
+# 32,768 buckets, as measured (the demo's 131,072 were not run at this size)
 PRESETS["cpu"] = {**PRESETS["demo"], "d_model": 384, "kmer_buckets": 32768, "max_steps": 8000, "bag_steps": 6600,
                   "vq_warmup_steps": 2000, "eval_every": 2000, "log_every": 100, "train_windows": 16000,
                   "output": "runs/cpu/kmer_vqvae_phase1.pt"}

@@ -250,23 +250,27 @@ def main(cfg: Phase2Config) -> dict:
     # 4. the step: symmetric InfoNCE in code space
     def train_step(step):
         batch = next(batches)
-        zq = model.quantizer.project(train_adapters(enc([q for q, _ in batch]), "query"))
-        zp = model.quantizer.project(train_adapters(enc([p for _, p in batch]), "passage"))
+        texts = {"query": [q for q, _ in batch], "passage": [p for _, p in batch]}
+        targets = {}  # the teacher's embeddings of this batch, per role, each computed once
+
+        def target(role):
+            if role not in targets:
+                targets[role] = teacher.embed(texts[role]).to(device)
+            return targets[role]
+        zq = model.quantizer.project(train_adapters(enc(texts["query"]), "query"))
+        zp = model.quantizer.project(train_adapters(enc(texts["passage"]), "passage"))
         loss = cfg.pair_weight * info_nce(zq, zp, cfg.temperature)
         logs = {}
         for role, z, weight, center in (("query", zq, cfg.query_distill_weight, q_center),
                                         ("passage", zp, cfg.passage_distill_weight, p_center)):
             if weight > 0:  # the frozen decoder maps code space to the teacher's space
-                t = teacher.embed([pair[role == "passage"] for pair in batch]).to(device)
-                distill = distill_loss(model.decode(z), t, center)
+                distill = distill_loss(model.decode(z), target(role), center)
                 loss = loss + weight * distill
                 logs[f"{role}_distill"] = float(distill.detach())
         if cfg.rank_distill_weight > 0:
-            passages = [p for _, p in batch]
-            bank.add(passages, zp.detach(), teacher.embed(passages).to(device))
+            bank.add(texts["passage"], zp.detach(), target("passage"))
             bank_z, bank_t = bank.tensors()
-            ranking = rank_distill_loss(zq, bank_z, teacher.embed([q for q, _ in batch]).to(device), bank_t,
-                                        cfg.rank_temperature)
+            ranking = rank_distill_loss(zq, bank_z, target("query"), bank_t, cfg.rank_temperature)
             loss = loss + cfg.rank_distill_weight * ranking
             logs["rank_distill"] = float(ranking.detach())
         if cfg.align_weight > 0:
