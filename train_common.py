@@ -337,7 +337,11 @@ def remove_stale_temporaries(*paths: str) -> list[str]:
 
 def resume_state(ckpt: dict, optimizer, skip_data) -> "LoopState":
     """Restore optimizer, RNG and loop counters from a checkpoint; fast-forward the data."""
-    optimizer.load_state_dict(ckpt["resume"]["optimizer"])
+    try:
+        optimizer.load_state_dict(ckpt["resume"]["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise UserError(f"cannot resume: the checkpoint's optimizer state does not fit this run ({e}); resume "
+                        f"with the flags it was trained with, or start again with --overwrite true") from None
     if "rng" in ckpt["resume"]:  # every generator; older checkpoints saved torch's CPU one only
         set_rng_state(ckpt["resume"]["rng"])
     else:
@@ -365,6 +369,94 @@ def adamw(params, **kw) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, **kw)
 
 
+class SparseRowAdamW(torch.optim.Optimizer):
+    """AdamW for embedding tables trained with sparse gradients (`nn.Embedding(sparse=True)`): a step
+    updates only the rows its batch looked up, with AdamW's update for those rows (moments, decoupled
+    weight decay, bias correction by the step count), and leaves every other row, and its moments, as
+    they are ("lazy" Adam). A dense AdamW step reads and writes the whole table every step, which on
+    a 2-core CPU grows with the number of hash buckets; this grows with the batch. With every row
+    looked up every step it is AdamW exactly (tested)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise ValueError("SparseRowAdamW takes sparse gradients only: nn.Embedding(sparse=True)")
+                grad = p.grad.coalesce()  # one row per looked-up id, repeats summed
+                rows, g = grad.indices()[0], grad.values()
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros(())
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                t = float(st["step"])
+                m = st["exp_avg"].index_select(0, rows).lerp_(g, 1 - b1)
+                v = st["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
+                st["exp_avg"].index_copy_(0, rows, m)
+                st["exp_avg_sq"].index_copy_(0, rows, v)
+                w = p.index_select(0, rows).mul_(1 - lr * wd)
+                denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+                p.index_copy_(0, rows, w.addcdiv_(m, denom, value=-lr / (1 - b1 ** t)))
+
+
+class Optimizers:
+    """Several optimizers that step as one (the dense AdamW and the sparse rows' SparseRowAdamW):
+    `param_groups` lists all their groups, so the lr schedule sets every one."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state):
+        if len(state.get("optimizers", ())) != len(self.optimizers):
+            raise ValueError("the checkpoint's optimizer state has another layout (was it trained with another "
+                             "--sparse_embeddings?)")
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_, also over sparse gradients (which it does not take): those are
+    coalesced first, so a row looked up twice counts once with its summed gradient."""
+    params = list(params)
+    if not any(p.grad is not None and p.grad.is_sparse for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = []
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            grads.append(p.grad.values())
+        elif p.grad is not None:
+            grads.append(p.grad)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, scale.to(grads[0].device))
+    return norm
+
+
 class WeightAverage:
     """Exponential running average of a model's trainable weights (Polyak averaging).
 
@@ -378,7 +470,7 @@ class WeightAverage:
     def __init__(self, model: torch.nn.Module, decay: float):
         if not 0 <= decay < 1:
             raise ValueError(f"weight-average decay must be in [0, 1), got {decay}")
-        self.decay, self.updates = decay, 0
+        self.decay, self.updates, self.depth = decay, 0, 0
         trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names, self.params = [n for n, _ in trained], [p for _, p in trained]
         self.avg = [p.detach().clone() for p in self.params] if decay > 0 else []
@@ -397,14 +489,19 @@ class WeightAverage:
         if not self.decay:
             yield
             return
-        live = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            torch._foreach_copy_([p.data for p in self.params], self.avg)
+        self.depth += 1
+        if self.depth == 1:
+            self._swap()  # the average's tensors go into the parameters: no copy of the weights
         try:
             yield
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_([p.data for p in self.params], live)
+            self.depth -= 1
+            if self.depth == 0:
+                self._swap()
+
+    def _swap(self):
+        for i, p in enumerate(self.params):
+            p.data, self.avg[i] = self.avg[i], p.data
 
     def live_state(self) -> dict | None:
         """The live weights by name: what a resumed run trains on (the model's state dict, saved
@@ -510,7 +607,7 @@ def _apply_step(cfg, loss, params, optimizer, state) -> bool:
         _skip_nonfinite("loss", loss, state, cfg, optimizer)
         return False
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    grad_norm = clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     if not torch.isfinite(grad_norm):  # a finite loss can still give inf/NaN gradients
         _skip_nonfinite("gradient norm", grad_norm, state, cfg, optimizer)
         return False

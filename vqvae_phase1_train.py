@@ -78,6 +78,9 @@ class Phase1Config(CommonConfig):
     center_targets: bool = opt(True, "cosine losses compare decoded and target minus the targets' mean direction")
     contrastive_weight: float = opt(1.0, "weight of the in-batch InfoNCE between decoded vectors and targets", min=0)
     contrastive_temperature: float = opt(0.05, "InfoNCE temperature", gt=0)
+    sparse_embeddings: bool = opt(False, "the k-mer tables get sparse gradients and a lazy AdamW that updates only the "
+                                  "rows a step looked up: a step's cost no longer grows with --kmer_buckets (CPU; "
+                                  "README \"Hash buckets\")")
     weight_average: float = opt(0.98, "decay of the running average of the weights that trains the codebook and is "
                                 "evaluated and saved as the model (0 = off, the live weights); see README", min=0,
                                 max=0.9999)
@@ -88,7 +91,8 @@ PRESETS = {
                  batch_size=16, max_steps=30, warmup_steps=5, vq_warmup_steps=10, kmeans_samples=128,
                  eval_every=10, eval_size=64, log_every=5, dead_code_every=5, shuffle_buffer=64,
                  max_tokens_total=0, health_size=64, lexicon_size=300, lexicon_teacher_words=False, lexicon_steps=5,
-                 lexicon_batch_size=32, static_windows=8, output="runs/tiny/kmer_vqvae_phase1.pt"),
+                 lexicon_batch_size=32, static_windows=8, sparse_embeddings=True,
+                 output="runs/tiny/kmer_vqvae_phase1.pt"),
     # demo: the bundled samples' three web-text sources; 4,000 teacher-labelled windows train the
     # encoder and the other ~28k (unlabelled) train the codebook (README "Codebook health"). 256
     # codes: 64 codebook windows a step then reach each code as often as full's 256 windows reach
@@ -286,9 +290,16 @@ def main(cfg: Phase1Config) -> dict:
     model = KmerVQVAE(**mcfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     blocks = {id(p) for p in model.encoder.blocks.parameters()}
-    optimizer = tc.adamw([{"params": [p for p in params if id(p) not in blocks]},
-                          {"params": [p for p in params if id(p) in blocks], "blocks": True}],
+    tables = [t for t in (model.encoder.embed, getattr(model.encoder, "bag_weight", None)) if t is not None]
+    sparse = {id(t.weight) for t in tables} if cfg.sparse_embeddings else set()
+    dense = [p for p in params if id(p) not in blocks and id(p) not in sparse]
+    optimizer = tc.adamw([{"params": dense}, {"params": [p for p in params if id(p) in blocks], "blocks": True}],
                          lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if sparse:
+        for t in tables:
+            t.sparse = True
+        optimizer = tc.Optimizers(optimizer, tc.SparseRowAdamW([t.weight for t in tables], lr=cfg.lr,
+                                                               weight_decay=cfg.weight_decay))
     bag_end = cfg.lexicon_steps + cfg.bag_steps if (cfg.lexicon_steps or cfg.bag_steps) else 0
     if bag_end and mcfg.get("residual_init", "zero") != "zero":
         raise UserError("--lexicon_steps/--bag_steps skip the transformer blocks, which is exact only with "

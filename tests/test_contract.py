@@ -253,3 +253,35 @@ def test_phase2_distillation_losses_and_passage_bank():
         bank.add([text], torch.full((1, 2), float(i)), torch.full((1, 3), float(i)))
     z, tt = bank.tensors()
     assert list(bank.rows) == ["c", "a", "d"] and z[:, 0].tolist() == [2.0, 3.0, 4.0] and tt.shape == (3, 3)
+
+
+def test_sparse_row_adamw_is_adamw_on_the_rows_a_step_looks_up():
+    """Every row looked up every step: AdamW exactly (moments, decoupled decay, bias correction),
+    with the gradient clipped by the sparse-aware clip as torch clips the dense one. Rows a step
+    does not look up keep their weights and moments."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 4)
+    dense, sparse = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    ref = torch.optim.AdamW([dense], lr=0.1, betas=(0.8, 0.95), weight_decay=0.1, foreach=False)
+    opt = tc.SparseRowAdamW([sparse], lr=0.1, betas=(0.8, 0.95), weight_decay=0.1)
+    for _ in range(4):
+        ids, target = torch.tensor([0, 1, 2, 3, 4, 5, 2, 2]), torch.randn(8, 4)  # row 2 three times
+        for p, sp in ((dense, False), (sparse, True)):
+            ((F.embedding(ids, p, sparse=sp) - target) ** 2).sum().backward()
+        assert sparse.grad.is_sparse
+        n_ref = torch.nn.utils.clip_grad_norm_([dense], 1.0)
+        n = tc.clip_grad_norm([sparse], 1.0)
+        assert torch.allclose(n, n_ref) and n > 1.0  # it did clip
+        ref.step(); opt.step(); ref.zero_grad(); opt.zero_grad()  # noqa: E702
+        assert torch.allclose(sparse, dense, atol=1e-6)
+    before, st = sparse.detach().clone(), {k: v.clone() for k, v in opt.state[sparse].items()}
+    (F.embedding(torch.tensor([1, 3, 3]), sparse, sparse=True).sum()).backward()
+    opt.step()
+    moved = (sparse.detach() != before).any(1)
+    assert moved.tolist() == [False, True, False, True, False, False]
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt.state[sparse][k][[0, 2, 4, 5]], st[k][[0, 2, 4, 5]])
+        assert not torch.equal(opt.state[sparse][k][[1, 3]], st[k][[1, 3]])
+    with pytest.raises(ValueError, match="sparse gradients only"):
+        dense.grad = torch.ones_like(dense)
+        tc.SparseRowAdamW([dense]).step()

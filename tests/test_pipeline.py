@@ -9,7 +9,7 @@ import vqvae_phase1_train as p1
 import vqvae_phase1b_train_lora as p1b
 import vqvae_phase2_train_adapters as p2
 from lora_adapters import inject_lora
-from train_common import parse_config
+from train_common import UserError, parse_config
 from vqvae_phase1_model import KmerVQVAE, load_checkpoint, load_pretrained, model_from_checkpoint
 
 
@@ -55,11 +55,20 @@ def test_warm_cache_makes_no_teacher_calls(chain, tmp_path, teacher_cache_dir):
     assert r["teacher_calls"] == 0
 
 
-def test_resume_continues_to_the_same_budget(chain, tmp_path, teacher_cache_dir):
+@pytest.mark.parametrize("sparse", [True, False])
+def test_resume_continues_to_the_same_budget(chain, tmp_path, teacher_cache_dir, sparse):
     out = tmp_path / "r.pt"
-    p1.main(_cfg(p1, p1.Phase1Config, output=out, teacher_cache=teacher_cache_dir, max_steps=20))
-    assert load_checkpoint(str(out))["step"] == 20
-    r = p1.main(_cfg(p1, p1.Phase1Config, output=out, teacher_cache=teacher_cache_dir, resume=True))
+    p1.main(_cfg(p1, p1.Phase1Config, output=out, teacher_cache=teacher_cache_dir, max_steps=20,
+                 sparse_embeddings=sparse))
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["step"] == 20
+    opt_state = ckpt["resume"]["optimizer"]
+    assert ("optimizers" in opt_state) == sparse  # the sparse tables' lazy AdamW has its own state
+    with pytest.raises(UserError, match="cannot resume"):  # another optimizer layout: one clear line
+        p1.main(_cfg(p1, p1.Phase1Config, output=out, teacher_cache=teacher_cache_dir, resume=True,
+                     sparse_embeddings=not sparse))
+    r = p1.main(_cfg(p1, p1.Phase1Config, output=out, teacher_cache=teacher_cache_dir, resume=True,
+                     sparse_embeddings=sparse))
     assert r["step"] == 30 and r["tokens_seen"] == chain["p1"]["tokens_seen"]
     # the stream continued where the checkpoint left it: same windows consumed as one straight run
     a, b = load_checkpoint(str(out)), load_checkpoint(str(chain["dir"] / "p1.pt"))

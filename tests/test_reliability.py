@@ -120,12 +120,15 @@ def test_weight_average_follows_live_weights_and_swaps_back():
         m.weight.add_(1.0)
     wa.update()  # weights (w0 + 1) and (w0 + 2) with weights 0.98 and 1
     assert torch.allclose(wa.avg[0], (0.98 * (w0 + 1) + (w0 + 2)) / 1.98)
-    live = m.weight.detach().clone()
+    live, average = m.weight.detach().clone(), wa.avg[0].clone()
     with pytest.raises(RuntimeError):
         with wa.applied():
-            assert torch.equal(m.weight, wa.avg[0]) and m.bias is frozen
+            assert torch.equal(m.weight, average) and m.bias is frozen
+            with wa.applied():  # nested: still the average, and the outer block still puts it back
+                assert torch.equal(m.weight, average)
+            assert torch.equal(m.weight, average)
             raise RuntimeError("boom")
-    assert torch.equal(m.weight, live)  # put back, also on error
+    assert torch.equal(m.weight, live) and torch.equal(wa.avg[0], average)  # put back, also on error
     saved_live, saved_avg = wa.live_state(), [a.clone() for a in wa.avg]
     with torch.no_grad():  # resume: the model holds the average, the live weights come back in
         m.weight.copy_(saved_avg[0])
