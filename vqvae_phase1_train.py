@@ -99,20 +99,20 @@ PRESETS = {
     # 1,024 (README "Keeping the codebook healthy after the k-means init")
     # demo: README "Filter quality". Word stage (1,000 steps of 256 words), then the bag stage (the
     # block skipped) on 32 teacher-labelled + 32 static-target windows a step, then 200 steps with the
-    # transformer block training too. 256 codes (README "Keeping the codebook healthy"). 131,072 hash
-    # buckets instead of 32,768: fewer k-mers share a row (README "Filter quality"; +2.7 min on a 2-core
-    # CPU with the fused AdamW step, where the dense embedding gradient and optimizer step grow with the table).
-    "demo": dict(data="sample", d_model=192, n_layers=1, n_heads=4, num_codes=256, kmer_buckets=131072, batch_size=32,
-                 static_windows=32, lr=1e-3,
-                 max_steps=3200, warmup_steps=50, lexicon_steps=1000, bag_steps=2000, vq_warmup_steps=1000,
+    # transformer block training too. 256 codes (README "Keeping the codebook healthy"). 262,144 hash
+    # buckets with sparse table updates: fewer k-mers share a row, and a step costs the same as with
+    # 32,768 (README "Hash buckets").
+    "demo": dict(data="sample", d_model=192, n_layers=1, n_heads=4, num_codes=256, kmer_buckets=262144, batch_size=32,
+                 static_windows=32, lr=1e-3, sparse_embeddings=True,
+                 max_steps=4200, warmup_steps=50, lexicon_steps=1000, bag_steps=3000, vq_warmup_steps=1000,
                  kmeans_samples=6000, eval_every=800, eval_size=500, health_size=12_000, log_every=50,
                  train_windows=8000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
                  shuffle_buffer=2048, max_tokens_total=0, output="runs/demo/kmer_vqvae_phase1.pt"),
     # full: the demo's recipe at scale (README "Filter quality"; not yet run at this size): 2,000 word
     # steps, 500 bag steps, then the 4 blocks train; 128 static-target windows beside every 256 labelled
     # ones. The 200M k-mer budget ends the run near step 4,100 and the lr schedule ends with it.
-    # 131,072 hash buckets, as the demo.
-    "full": dict(data="hub", kmer_buckets=131072, batch_size=256, static_windows=128, max_steps=6000,
+    # 262,144 hash buckets, as the demo; dense table updates (cheap on a GPU; sparse ones unmeasured there).
+    "full": dict(data="hub", kmer_buckets=262144, batch_size=256, static_windows=128, max_steps=6000,
                  warmup_steps=200, lexicon_steps=2000, bag_steps=500, vq_warmup_steps=800, eval_every=500, eval_size=50_000, lexicon_size=100_000,
                  output="kmer_vqvae_phase1.pt"),
 }
@@ -120,8 +120,8 @@ PRESETS = {
 
 # cpu: the demo's recipe, longer and wider, for a 2-core CPU in well under 2 hours (README "The CPU
 # recipe"): d_model 384, 16,000 teacher-labelled windows, 8,000 steps (the block trains the last 400);
-# 32,768 buckets, as measured (the demo's 131,072 were not run at this size)
-PRESETS["cpu"] = {**PRESETS["demo"], "d_model": 384, "kmer_buckets": 32768, "max_steps": 8000, "bag_steps": 6600,
+# the demo's 262,144 buckets with sparse updates
+PRESETS["cpu"] = {**PRESETS["demo"], "d_model": 384, "max_steps": 8000, "bag_steps": 6600,
                   "vq_warmup_steps": 2000, "eval_every": 2000, "log_every": 100, "train_windows": 16000,
                   "output": "runs/cpu/kmer_vqvae_phase1.pt"}
 
