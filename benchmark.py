@@ -60,10 +60,10 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
-def train_step_rate(model, params, step, batch, device, repeats, after=None) -> tuple[float, float]:
+def train_step_rate(model, params, step, batch, device, repeats, after=None, sparse_tables=()) -> tuple[float, float]:
     """k-mers/s of one phase's training step shape (plus `after()`, run after the optimizer step),
     and peak memory after it."""
-    opt = tc.adamw(params, lr=1e-4)
+    opt = tc.adamw(params, sparse_tables=sparse_tables, lr=1e-4)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -148,6 +148,12 @@ def main():
     rate, mem = train_step_rate(m1, list(m1.parameters()), lambda: m1(ids, mask, teacher=target)["loss"], b, device,
                                 args.repeats, after=codebook_pass)
     train.append(("phase 1a + weight average and codebook pass (script default)", rate, mem))
+    # the same with the k-mer tables' sparse gradients and lazy AdamW (--sparse_embeddings; CPU presets)
+    m1s = KmerVQVAE(**cfg).to(device).train()
+    m1s.quantizer.initialized.fill_(True)
+    rate, mem = train_step_rate(m1s, list(m1s.parameters()), lambda: m1s(ids, mask, teacher=target)["loss"], b,
+                                device, args.repeats, sparse_tables=m1s.encoder.kmer_tables())
+    train.append(("phase 1a (full model), sparse k-mer tables (--sparse_embeddings)", rate, mem))
     m1.quantizer.track_batch = True
     inject_lora(m1, rank=8, alpha=16)
     m1.quantizer.set_mode("frozen")

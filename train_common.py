@@ -358,15 +358,29 @@ def output_paths(cfg, default_output: str) -> tuple[str, str, str]:
     return out, stem + "_best.pt", cfg.run_dir or stem + "_run"
 
 
-def adamw(params, **kw) -> torch.optim.AdamW:
+def adamw(params, sparse_tables=(), **kw):
     """AdamW with the fused kernel where this torch build has it for these parameters (CPU from torch
     2.4, CUDA), else the default one: the same update, one pass over each tensor instead of several.
-    On a 2-core CPU the optimizer step over a 131,072-row k-mer table took 22 ms instead of 88 (README)."""
-    params = list(params)
+    On a 2-core CPU the optimizer step over a 131,072-row k-mer table took 22 ms instead of 88 (README).
+
+    `sparse_tables` (nn.Embedding modules among the parameters) are switched to sparse gradients and
+    left to a SparseRowAdamW with the same lr and weight decay (Phase 1a's --sparse_embeddings)."""
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    tables = list(sparse_tables)
+    skip = {id(t.weight) for t in tables}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in skip]} for g in groups]
     try:
-        return torch.optim.AdamW(params, fused=True, **kw)
+        dense = torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(params, **kw)
+        dense = torch.optim.AdamW(groups, **kw)
+    if not tables:
+        return dense
+    for t in tables:
+        t.sparse = True
+    return Optimizers(dense, SparseRowAdamW([t.weight for t in tables], lr=kw.get("lr", 1e-3),
+                                            weight_decay=kw.get("weight_decay", 0.01)))
 
 
 class SparseRowAdamW(torch.optim.Optimizer):

@@ -337,6 +337,10 @@ class KmerEncoder(nn.Module):
         with torch.no_grad():
             self.embed.weight[0].zero_()
 
+    def kmer_tables(self) -> list[nn.Embedding]:
+        """The tables indexed by k-mer id (the embedding, and the bag path's per-k-mer weights)."""
+        return [self.embed] + ([self.bag_weight] if self.cfg.bag_path else [])
+
     def forward(self, input_ids, attention_mask):
         """-> (z_e (B, D), positions (B,)). While `bypass_blocks` is set (Phase 1a's bag stage, with
         residual_init "zero" and the blocks not yet trained, so each block is exactly the identity)

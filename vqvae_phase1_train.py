@@ -290,16 +290,10 @@ def main(cfg: Phase1Config) -> dict:
     model = KmerVQVAE(**mcfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     blocks = {id(p) for p in model.encoder.blocks.parameters()}
-    tables = [t for t in (model.encoder.embed, getattr(model.encoder, "bag_weight", None)) if t is not None]
-    sparse = {id(t.weight) for t in tables} if cfg.sparse_embeddings else set()
-    dense = [p for p in params if id(p) not in blocks and id(p) not in sparse]
-    optimizer = tc.adamw([{"params": dense}, {"params": [p for p in params if id(p) in blocks], "blocks": True}],
+    optimizer = tc.adamw([{"params": [p for p in params if id(p) not in blocks]},
+                          {"params": [p for p in params if id(p) in blocks], "blocks": True}],
+                         sparse_tables=model.encoder.kmer_tables() if cfg.sparse_embeddings else (),
                          lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if sparse:
-        for t in tables:
-            t.sparse = True
-        optimizer = tc.Optimizers(optimizer, tc.SparseRowAdamW([t.weight for t in tables], lr=cfg.lr,
-                                                               weight_decay=cfg.weight_decay))
     bag_end = cfg.lexicon_steps + cfg.bag_steps if (cfg.lexicon_steps or cfg.bag_steps) else 0
     if bag_end and mcfg.get("residual_init", "zero") != "zero":
         raise UserError("--lexicon_steps/--bag_steps skip the transformer blocks, which is exact only with "
