@@ -80,7 +80,7 @@ class Phase1Config(CommonConfig):
     contrastive_temperature: float = opt(0.05, "InfoNCE temperature", gt=0)
     sparse_embeddings: bool = opt(False, "the k-mer tables get sparse gradients and a lazy AdamW that updates only the "
                                   "rows a step looked up: a step's cost no longer grows with --kmer_buckets (CPU; "
-                                  "README \"Hash buckets\")")
+                                  "README \"Sparse table updates\")")
     weight_average: float = opt(0.98, "decay of the running average of the weights that trains the codebook and is "
                                 "evaluated and saved as the model (0 = off, the live weights); see README", min=0,
                                 max=0.9999)
@@ -101,7 +101,8 @@ PRESETS = {
     # block skipped) on 32 teacher-labelled + 32 static-target windows a step, then 200 steps with the
     # transformer block training too. 256 codes (README "Keeping the codebook healthy"). 262,144 hash
     # buckets with sparse table updates: fewer k-mers share a row, and a step costs the same as with
-    # 32,768 (README "Hash buckets"). d_model 256: +0.01 at 1% on SQuAD for +2 min (README "Filter quality").
+    # 32,768 (README "Sparse table updates"). d_model 256: +0.01 at 1% on SQuAD for +2 minutes
+    # (README "Filter quality").
     "demo": dict(data="sample", d_model=256, n_layers=1, n_heads=4, num_codes=256, kmer_buckets=262144, batch_size=32,
                  static_windows=32, lr=1e-3, sparse_embeddings=True,
                  max_steps=4200, warmup_steps=50, lexicon_steps=1000, bag_steps=3000, vq_warmup_steps=1000,
