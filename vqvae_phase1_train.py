@@ -114,8 +114,8 @@ PRESETS = {
     # ones. The 200M k-mer budget ends the run near step 4,100 and the lr schedule ends with it.
     # 262,144 hash buckets, as the demo; dense table updates (cheap on a GPU; sparse ones unmeasured there).
     "full": dict(data="hub", kmer_buckets=262144, batch_size=256, static_windows=128, max_steps=6000,
-                 warmup_steps=200, lexicon_steps=2000, bag_steps=500, vq_warmup_steps=800, eval_every=500, eval_size=50_000, lexicon_size=100_000,
-                 output="kmer_vqvae_phase1.pt"),
+                 warmup_steps=200, lexicon_steps=2000, bag_steps=500, vq_warmup_steps=800, eval_every=500,
+                 eval_size=50_000, lexicon_size=100_000, output="kmer_vqvae_phase1.pt"),
 }
 
 

@@ -194,7 +194,6 @@ def test_phase2_passage_and_listwise_distillation_run(chain, teacher_cache_dir):
     pd, rank = (load_checkpoint(str(d / n))["adapter_state_dict"] for n in ("p2_pd.pt", "p2_rank.pt"))
     assert pd["passage.down.weight"].abs().sum() > 0 and pd["query.down.weight"].abs().sum() == 0
     assert rank["passage.down.weight"].abs().sum() == 0 and rank["query.down.weight"].abs().sum() > 0
-    from train_common import UserError
     with pytest.raises(UserError, match="--train_passage_adapter"):  # without a trainable passage adapter
         p2.main(_cfg(p2, p2.Phase2Config, checkpoint=d / "p1b.pt", output=d / "p2_bad.pt",
                      teacher_cache=teacher_cache_dir, passage_distill_weight=1))
