@@ -108,17 +108,29 @@ def pair_stream(mode: str, split: str, weights: dict[str, float], files: dict | 
     return iter_shard(out, rank, world)
 
 
+def grouped_order(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An epoch's order that keeps each group together: the groups in random order, each group's
+    members shuffled. Consecutive batches then hold pairs of one group (hard in-batch negatives)."""
+    groups = np.asarray(groups)
+    out = []
+    for g in rng.permutation(np.unique(groups)):
+        members = np.flatnonzero(groups == g)
+        out.append(members[rng.permutation(len(members))])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
 class PairBatcher:
     """Batches with no repeated passage or query (in-batch negatives must be true negatives).
 
     A pair that would repeat one waits for a later batch. `position` counts pairs consumed, and a
     fresh batcher skips to it on resume. With pool_size > 0 the first pool_size pairs are
-    collected once and reshuffled every epoch.
+    collected once and reshuffled every epoch; `order(pool, rng)`, if given, returns each epoch's
+    order instead of a random permutation (e.g. `grouped_order`: batches of similar pairs).
     """
 
     def __init__(self, pairs: Callable[[], Iterator[tuple[str, str]]], batch_size: int, seed: int = 0,
-                 pool_size: int = 0):
-        self.pairs_fn, self.batch_size, self.pool_size = pairs, batch_size, pool_size
+                 pool_size: int = 0, order: Callable | None = None):
+        self.pairs_fn, self.batch_size, self.pool_size, self.order = pairs, batch_size, pool_size, order
         self.rng = np.random.default_rng(seed)
         self.position, self.waiting, self.batches = 0, [], 0  # pairs read, pairs deferred, batches given
         self._it = self._source()
@@ -133,7 +145,7 @@ class PairBatcher:
             if len(pool) == self.pool_size:
                 break
         while pool:
-            for i in self.rng.permutation(len(pool)):
+            for i in (self.order(pool, self.rng) if self.order else self.rng.permutation(len(pool))):
                 yield pool[i]
 
     def __iter__(self):

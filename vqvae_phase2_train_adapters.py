@@ -22,8 +22,8 @@ from data_common import parse_data_files, parse_weights
 from lora_adapters import QueryPassageAdapters
 from teacher import Teacher, TeacherError
 from train_common import CommonConfig, LoopState, UserError, opt
-from vqvae_phase1_model import info_nce, load_checkpoint, model_from_checkpoint, save_checkpoint
-from vqvae_phase2_data import HUB_DEFAULT, PAIR_SOURCES, SAMPLE_DEFAULT, PairBatcher, pair_stream
+from vqvae_phase1_model import info_nce, load_checkpoint, model_from_checkpoint, save_checkpoint, spherical_kmeans
+from vqvae_phase2_data import HUB_DEFAULT, PAIR_SOURCES, SAMPLE_DEFAULT, PairBatcher, grouped_order, pair_stream
 
 
 @dataclass
@@ -57,6 +57,9 @@ class Phase2Config(CommonConfig):
     rank_temperature: float = opt(0.05, "temperature of both softmaxes of the listwise objective", gt=0)
     align_weight: float = opt(0.0, "weight of 1 - cos(query, its passage) in code space: pulls each query onto its "
                               "passage in absolute terms (InfoNCE only ranks it first in the batch)", min=0)
+    pair_groups: int = opt(0, "hard in-batch negatives: cluster the --train_pairs pool by the frozen model's passage "
+                           "vectors (spherical k-means, this many groups) and draw each batch from one group "
+                           "(0 = random batches)", min=0)
     code_weight: float = opt(0.0, "weight of a cross-entropy that each query's code scores (cosine / --temperature) "
                              "pick its passage's code", min=0)
 
@@ -158,6 +161,20 @@ class FrozenEncoder:
         return torch.stack([self.cache[t] for t in texts])
 
 
+def group_by_passage(enc: FrozenEncoder, groups: int, seed: int):
+    """PairBatcher order: the pool's passages clustered once (spherical k-means on their frozen vectors),
+    then every epoch one group after another, so a batch's negatives are passages like its own."""
+    labels = []
+
+    def order(pool, rng):
+        if not labels:
+            z = torch.cat([enc([p for _, p in pool[i:i + 256]]) for i in range(0, len(pool), 256)])
+            centres, _ = spherical_kmeans(z, min(groups, len(pool)), seed=seed)
+            labels.append((F.normalize(z.float(), dim=-1) @ centres.T).argmax(1).cpu().numpy())
+        return grouped_order(labels[0], rng)
+    return order
+
+
 def evaluate_pairs(model, adapters, enc: FrozenEncoder, pairs, bs: int, teacher_emb=None) -> dict:
     """Held-out metrics averaged over consecutive eval batches of `bs` pairs."""
     was = adapters.training
@@ -204,8 +221,11 @@ def main(cfg: Phase2Config) -> dict:
             break
     if len(held) < cfg.eval_batch_size:
         raise UserError(f"only {len(held)} held-out pairs; need at least --eval_batch_size {cfg.eval_batch_size}")
+    if cfg.pair_groups and not cfg.train_pairs:
+        raise UserError("--pair_groups clusters the pool of --train_pairs: set --train_pairs too")
     batches = PairBatcher(lambda: pairs("train", cfg.train_pairs == 0), cfg.batch_size, seed=cfg.seed,
-                          pool_size=cfg.train_pairs)
+                          pool_size=cfg.train_pairs,
+                          order=group_by_passage(enc, cfg.pair_groups, cfg.seed) if cfg.pair_groups else None)
     if cfg.passage_distill_weight > 0 and not cfg.train_passage_adapter:
         raise UserError("--passage_distill_weight trains the passage adapter: add --train_passage_adapter")
     if cfg.rank_distill_weight > 0 and cfg.train_passage_adapter:

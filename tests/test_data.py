@@ -2,6 +2,7 @@ import gzip
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ from train_common import UserError
 from vqvae_phase1a_data_webtext import webtext_documents, wikitext_articles
 from vqvae_phase1b_data_domains import (DOMAIN_SOURCES, domain_documents, fmt_alpaca, fmt_arxiv, fmt_hh_rlhf,
                                         fmt_lmsys, fmt_oasst, fmt_pubmed, fmt_sharegpt, fmt_ultrachat)
-from vqvae_phase2_data import PAIR_SOURCES, PairBatcher, pair_stream, squad_eval_article
+from vqvae_phase2_data import PAIR_SOURCES, PairBatcher, grouped_order, pair_stream, squad_eval_article
 from vqvae_phase2_train_adapters import inbatch_metrics, info_nce
 
 
@@ -117,6 +118,21 @@ def test_batches_have_no_duplicate_passages_or_queries():
     pairs = [(f"q{i % 7}", f"p{i % 5}") for i in range(200)]
     for batch in itertools.islice(PairBatcher(lambda: iter(pairs), batch_size=4), 20):
         assert len({q for q, _ in batch}) == len(batch) and len({p for _, p in batch}) == len(batch)
+
+
+def test_grouped_batches_draw_each_batch_from_one_group():
+    """Phase 2's hard negatives (--pair_groups): with a grouped order, every batch holds pairs of one
+    group, and every epoch still visits each pair of the pool once, in a new order."""
+    groups = np.repeat([2, 0, 1], 8)  # 24 pairs, three groups of 8, one batch each
+    pairs = [(f"q{i}", f"p{i}") for i in range(24)]
+    batcher = PairBatcher(lambda: iter(pairs), batch_size=8, pool_size=24,
+                          order=lambda pool, rng: grouped_order(groups, rng))
+    epochs = [[next(batcher) for _ in range(3)] for _ in range(2)]
+    for epoch in epochs:
+        assert sorted(int(q[1:]) for b in epoch for q, _ in b) == list(range(24))
+        for batch in epoch:
+            assert len({groups[int(q[1:])] for q, _ in batch}) == 1
+    assert epochs[0] != epochs[1]
 
 
 def test_inbatch_metrics_on_hand_made_vectors():
