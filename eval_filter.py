@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from train_common import REPO, UserError
 
 FRACTIONS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+PAIRED = ("0.01", "0.05")  # fractions whose per-query recall each report keeps
 
 
 def _open(path: str):
@@ -76,8 +78,9 @@ def load_squad(path: str):
 
 
 def recall_curves(code_of_doc: np.ndarray, probe_order: np.ndarray, rel_docs: list[np.ndarray],
-                  fractions=FRACTIONS) -> tuple[dict, list[dict]]:
-    """Recall at corpus fractions (partial last code counted by its expected share) + n-probe table.
+                  fractions=FRACTIONS) -> tuple[dict, list[dict], dict]:
+    """Recall at corpus fractions (partial last code counted by its expected share) + n-probe table
+    + each query's recall at the PAIRED fractions.
 
     code_of_doc (N,), probe_order (Q, K) codes nearest-first, rel_docs[q] indices of relevant docs.
     """
@@ -103,26 +106,32 @@ def recall_curves(code_of_doc: np.ndarray, probe_order: np.ndarray, rel_docs: li
     curve = {str(f): float(np.mean(v)) for f, v in at_fraction.items()}
     rows = [{"n_probe": n, "fraction_kept": float(np.mean(table[n][0])), "recall": float(np.mean(table[n][1]))}
             for n in probes]
-    return curve, rows
+    return curve, rows, per_query(at_fraction)
+
+
+def per_query(at_fraction: dict) -> dict:
+    """Each query's recall at the PAIRED fractions (4 decimals): what compare_evals.py pairs up."""
+    return {str(f): [round(float(x), 4) for x in v] for f, v in at_fraction.items() if str(f) in PAIRED}
 
 
 def lists_row(code_of_doc: np.ndarray, probe_order: np.ndarray, K: int, rel_docs) -> dict:
-    """One report row for any list assignment: recall curve, n-probe table, corpus perplexity, K."""
-    curve, rows = recall_curves(code_of_doc, probe_order, rel_docs)
-    return {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(code_of_doc, K), "codes": K}
+    """One report row for any list assignment: recall curve, n-probe table, corpus perplexity, K,
+    per-query recall at 1% and 5%."""
+    curve, rows, queries = recall_curves(code_of_doc, probe_order, rel_docs)
+    return {"recall_at_fraction": curve, "n_probe": rows, "perplexity": perplexity(code_of_doc, K), "codes": K,
+            "per_query": queries}
 
 
-def exact_recall(q_emb: np.ndarray, d_emb: np.ndarray, rel_docs, fractions=FRACTIONS) -> dict:
-    """Teacher exact top-k at the same budget (fractional k counted by expected share)."""
+def exact_row(q_emb: np.ndarray, d_emb: np.ndarray, rel_docs, fractions=FRACTIONS) -> dict:
+    """Exact top-k at the same budgets (fractional k counted by expected share): the mean recall curve
+    and per-query recall at the PAIRED fractions."""
     sims = q_emb @ d_emb.T
     ranks = (-sims).argsort(1).argsort(1)  # rank of each doc per query
     N = d_emb.shape[0]
-    out = {}
-    for f in fractions:
-        k = f * N
-        vals = [np.clip(k - ranks[i, rel], 0, 1).sum() / len(rel) for i, rel in enumerate(rel_docs)]
-        out[str(f)] = float(np.mean(vals))
-    return out
+    at_fraction = {f: [np.clip(f * N - ranks[i, rel], 0, 1).sum() / len(rel) for i, rel in enumerate(rel_docs)]
+                   for f in fractions}
+    return {"recall_at_fraction": {str(f): float(np.mean(v)) for f, v in at_fraction.items()},
+            "per_query": per_query(at_fraction)}
 
 
 def perplexity(codes: np.ndarray, K: int) -> float:
@@ -343,10 +352,10 @@ def run(args) -> dict:
     c_code, c_order, k_c = kmeans_lists(p_vec, q_vec, K, args.seed, center=True)
     results["kmer_vqvae_ivf_centred"] = lists_row(c_code, c_order, k_c, rel_docs)
     report_two_stage = two_stage(c_code, c_order, q_emb, d_emb, rel_docs)
-    results["diag_exact_own_vectors"] = {"recall_at_fraction": exact_recall(q_vec, p_vec, rel_docs)}
+    results["diag_exact_own_vectors"] = exact_row(q_vec, p_vec, rel_docs)
     with torch.no_grad():
         p_dec = F.normalize(filt.model.decode(p_out["z_code"]), dim=-1).numpy()
-    results["diag_teacher_q_x_own_p"] = {"recall_at_fraction": exact_recall(q_emb, p_dec, rel_docs)}
+    results["diag_teacher_q_x_own_p"] = exact_row(q_emb, p_dec, rel_docs)
     results["diag_decoded_cos"] = {"passages": float((p_dec * d_emb).sum(1).mean())}
     if args.general_windows:
         results["diag_teacher_general_codes"] = general_codebook_row(teacher, filt, d_emb, q_emb, rel_docs, K,
@@ -355,13 +364,14 @@ def run(args) -> dict:
     rand_code = rng.integers(K, size=len(docs))
     rand_order = np.stack([rng.permutation(K) for _ in queries])
     results["random"] = lists_row(rand_code, rand_order, K, rel_docs)
-    results["exact_teacher"] = {"recall_at_fraction": exact_recall(q_emb, d_emb, rel_docs)}
+    results["exact_teacher"] = exact_row(q_emb, d_emb, rel_docs)
 
     # 4. report
     out_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out_dir, exist_ok=True)
     report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "int8": args.int8,
               "bag_only": args.bag_only, "passages": len(docs),
+              "query_set": hashlib.sha1("\n".join(map(str, qids)).encode()).hexdigest(),
               "queries": len(queries), "methods": results,
               "passages_per_s": speed, "two_stage_recall_at_10": report_two_stage, **extra}
     # named by checkpoint and dataset: evaluations of different checkpoints or sets never overwrite each other

@@ -1,0 +1,70 @@
+"""Per-query recall in the evaluation reports, and the paired comparison built on it."""
+import json
+
+import numpy as np
+import pytest
+
+import compare_evals as ce
+from eval_filter import exact_row, lists_row
+from train_common import UserError
+
+
+def test_per_query_recall_counts_the_partly_kept_list_by_its_share():
+    """100 passages in 4 lists of 25; 1% of the corpus keeps 1 passage, 5% keeps 5: a query whose
+    relevant passage is in its first list gets 1/25 and 5/25 of it (the expected share)."""
+    code_of_doc = np.arange(100) // 25
+    probe = np.array([[0, 1, 2, 3], [1, 0, 2, 3], [0, 1, 2, 3]])
+    rel = [np.array([0]), np.array([30, 31]), np.array([99])]
+    row = lists_row(code_of_doc, probe, 4, rel)
+    assert row["per_query"]["0.01"] == pytest.approx([0.04, 0.04, 0.0])
+    assert row["per_query"]["0.05"] == pytest.approx([0.2, 0.2, 0.0])
+    for f in ("0.01", "0.05"):  # the report's mean is the mean of what it keeps per query
+        assert row["recall_at_fraction"][f] == pytest.approx(np.mean(row["per_query"][f]))
+
+
+def test_exact_per_query_recall_follows_each_querys_rank():
+    d = np.eye(100, dtype=np.float32)
+    q = np.stack([d[7], 0.9 * d[3] + 0.5 * d[1] + 0.4 * d[2]])  # query 1 ranks passage 2 third
+    row = exact_row(q, d, [np.array([7]), np.array([2])])
+    assert row["per_query"]["0.01"] == [1.0, 0.0]
+    assert row["per_query"]["0.05"] == [1.0, 1.0]
+
+
+def _report(methods: dict, query_set="abc") -> dict:
+    return {"dataset": "squad", "queries": len(next(iter(methods.values()))["0.01"]), "query_set": query_set,
+            "methods": {m: {"recall_at_fraction": {f: float(np.mean(v)) for f, v in pq.items()}, "per_query": pq}
+                        for m, pq in methods.items()}}
+
+
+def test_paired_bootstrap_sees_a_small_shift_that_queries_share():
+    """B = A + 0.01 on every query: a paired interval is [0.01, 0.01] however spread A is; an unpaired one
+    would span 0."""
+    a = np.random.default_rng(0).random(500)
+    diff, lo, hi = ce.paired_bootstrap(a, a + 0.01, resamples=2000)
+    assert diff == pytest.approx(0.01) and lo == pytest.approx(0.01) and hi == pytest.approx(0.01)
+    rows = ce.compare(_report({"m": {"0.01": list(a)}}), _report({"m": {"0.01": list(a + 0.01)}}), [("m", "m")],
+                      resamples=2000)
+    assert ce.verdict(rows[0]) == "B higher" and rows[0]["better"] == 500 and rows[0]["worse"] == 0
+    noise = np.random.default_rng(1).normal(0, 0.2, 500)
+    rows = ce.compare(_report({"m": {"0.01": list(a)}}), _report({"m": {"0.01": list(a + noise - noise.mean())}}),
+                      [("m", "m")], resamples=2000)
+    assert ce.verdict(rows[0]) == "no measurable difference"
+    rows = ce.compare(_report({"m": {"0.01": list(a + 0.01)}}), _report({"m": {"0.01": list(a)}}), [("m", "m")],
+                      resamples=2000)
+    assert ce.verdict(rows[0]) == "A higher"
+
+
+def test_compare_refuses_other_queries_and_old_reports(tmp_path, capsys):
+    a = _report({"m": {"0.01": [0.0, 1.0]}, "n": {"0.01": [1.0, 1.0]}})
+    with pytest.raises(UserError, match="same queries"):
+        ce.compare(a, _report({"m": {"0.01": [0.0, 1.0]}}, query_set="other"), [("m", "m")])
+    old = {**a, "methods": {"m": {"recall_at_fraction": {"0.01": 0.5}}}}
+    with pytest.raises(UserError, match="rerun eval_filter.py"):
+        ce.compare(old, a, [("m", "m")])
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(a))
+    rows = ce.main([str(path), "--a", "m", "--b", "n", "--resamples", "200"])  # two methods of one run
+    assert rows[0]["diff"] == pytest.approx(0.5) and "| m | n | 1% |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        ce.main([str(path)])
+    assert e.value.code == 2 and "--a" in capsys.readouterr().err
