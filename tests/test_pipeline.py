@@ -2,6 +2,7 @@
 `datasets` loaders (offline), wandb disabled."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -197,3 +198,21 @@ def test_phase2_passage_and_listwise_distillation_run(chain, teacher_cache_dir):
     with pytest.raises(UserError, match="--train_passage_adapter"):  # without a trainable passage adapter
         p2.main(_cfg(p2, p2.Phase2Config, checkpoint=d / "p1b.pt", output=d / "p2_bad.pt",
                      teacher_cache=teacher_cache_dir, passage_distill_weight=1))
+
+
+def test_phase2_hard_negative_groups(chain, teacher_cache_dir):
+    """--pair_groups: the pool is ordered by clusters of its passages' frozen vectors (two clear clusters
+    here come out as two runs), a real Phase 2 run trains with it, and without a pool it is refused."""
+    vecs = {f"p{i}": torch.tensor([1.0, 0.05 * i]) if i % 2 else torch.tensor([0.05 * i, 1.0]) for i in range(8)}
+    order = p2.group_by_passage(lambda texts: torch.stack([vecs[t] for t in texts]), groups=2, seed=0)
+    pool = [(f"q{i}", f"p{i}") for i in range(8)]
+    idx = order(pool, np.random.default_rng(0))
+    assert sorted(idx) == list(range(8))
+    assert len({i % 2 for i in idx[:4]}) == 1 and len({i % 2 for i in idx[4:]}) == 1
+    d = chain["dir"]
+    p2.main(_cfg(p2, p2.Phase2Config, checkpoint=d / "p1b.pt", output=d / "p2_groups.pt",
+                 teacher_cache=teacher_cache_dir, train_pairs=32, pair_groups=4, query_distill_weight=0))
+    assert load_checkpoint(str(d / "p2_groups.pt"))["adapter_state_dict"]["query.down.weight"].abs().sum() > 0
+    with pytest.raises(UserError, match="--train_pairs"):
+        p2.main(_cfg(p2, p2.Phase2Config, checkpoint=d / "p1b.pt", output=d / "p2_bad_groups.pt",
+                     teacher_cache=teacher_cache_dir, pair_groups=4))
