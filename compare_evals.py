@@ -23,7 +23,8 @@ import numpy as np
 from train_common import UserError
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000,
+                     seed: int = 0) -> tuple[float, float, float]:
     """Mean of b - a and the 2.5th / 97.5th percentiles of that mean over query resamples (a[i], b[i] paired)."""
     d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     rng = np.random.default_rng(seed)

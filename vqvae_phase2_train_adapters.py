@@ -77,7 +77,8 @@ PRESETS = {
 # the CPU recipe: the demo's Phase 2 with hard in-batch negatives and no query distillation; on the recipe's
 # Phase 1b the demo's objective lowered recall measurably at two seeds, this one least (README "Filter quality")
 PRESETS["cpu"] = {**PRESETS["demo"], "query_distill_weight": 0.0, "pair_groups": 62,
-                  "checkpoint": "runs/cpu/kmer_vqvae_phase1b_lora.pt", "output": "runs/cpu/kmer_vqvae_phase2_aligned.pt"}
+                  "checkpoint": "runs/cpu/kmer_vqvae_phase1b_lora.pt",
+                  "output": "runs/cpu/kmer_vqvae_phase2_aligned.pt"}
 
 
 def inbatch_metrics(q: torch.Tensor, p: torch.Tensor, q_codes=None, p_codes=None) -> dict:
