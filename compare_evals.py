@@ -95,7 +95,8 @@ def main(argv=None) -> list[dict]:
         if len(args.reports) > 2:
             raise UserError("pass one report (with --a and --b) or two reports (A, then B)")
         paths = args.reports if len(args.reports) == 2 else args.reports * 2
-        a, b = (_load(p) for p in paths)
+        a = _load(paths[0])
+        b = _load(paths[1]) if len(args.reports) == 2 else a  # one report: read once
         if len(args.reports) == 1 and not (args.a and args.b):
             raise UserError("one report: name the two methods to compare, e.g. --a kmer_vqvae_ivf --b model2vec_ivf")
         if args.a or args.b:
