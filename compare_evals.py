@@ -8,7 +8,9 @@
 Two reports of `eval_filter.py` (A, then B): every method both hold, B against A. One report: method
 --b against method --a of the same run. For recall at 1% and 5% of the corpus it prints both means,
 B - A, a 95% interval for B - A from a paired bootstrap over queries (each query's recall under A and
-B resampled together), and how many queries B ranks better and worse. An interval that excludes 0
+B resampled together), and how many queries B ranks better and worse; "lists A / B" says how many lists
+each row routed through ("-" for exact search), so rows of different list counts are not mistaken for
+like for like. An interval that excludes 0
 is a difference these queries measure; one that spans it is not. The interval covers which queries
 were asked, not another training seed: retrain with --seed to see that spread.
 """
@@ -71,7 +73,8 @@ def compare(a: dict, b: dict, pairs: list[tuple[str, str]], a_path: str = "A", b
             diff, lo, hi = paired_bootstrap(va, vb, resamples)
             out.append({"a": ma, "b": mb, "fraction": f, "mean_a": float(va.mean()), "mean_b": float(vb.mean()),
                         "diff": diff, "low": lo, "high": hi, "better": int((vb > va).sum()),
-                        "worse": int((vb < va).sum()), "queries": len(va)})
+                        "worse": int((vb < va).sum()), "queries": len(va),
+                        "lists": (a["methods"][ma].get("codes"), b["methods"][mb].get("codes"))})
     return out
 
 
@@ -112,10 +115,11 @@ def main(argv=None) -> list[dict]:
         sys.exit(2)
     print(f"A: {paths[0]}\nB: {paths[1]}\n{rows[0]['queries'] if rows else 0} queries ({a['dataset']}); "
           f"95% interval of B - A from a paired bootstrap over queries ({args.resamples:,} resamples)")
-    print("| A method | B method | kept | A | B | B - A | 95% interval | queries better / worse | verdict |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| A method | B method | kept | lists A / B | A | B | B - A | 95% interval | queries better / worse | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['a']} | {r['b']} | {float(r['fraction']):.0%} | {r['mean_a']:.3f} | {r['mean_b']:.3f} | "
+        lists = " / ".join("-" if n is None else str(n) for n in r["lists"])  # exact search: no lists
+        print(f"| {r['a']} | {r['b']} | {float(r['fraction']):.0%} | {lists} | {r['mean_a']:.3f} | {r['mean_b']:.3f} | "
               f"{r['diff']:+.4f} | [{r['low']:+.4f}, {r['high']:+.4f}] | {r['better']} / {r['worse']} | {verdict(r)} |")
     return rows
 

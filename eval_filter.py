@@ -266,6 +266,10 @@ def main(argv=None) -> dict:
                          "fixed codebook (k-means, same K) fitted on the teacher's embeddings of this many "
                          "bundled web-text windows, not on the corpus: the ceiling of any general codebook "
                          "(README 'Filter quality'); 0 = off")
+    ap.add_argument("--lists", type=int, default=0,
+                    help="lists of every IVF fitted to the corpus (teacher, Model2Vec, the model's vectors) and of "
+                         "the random codes; default: the checkpoint's codes. The own-codes row keeps the model's "
+                         "codebook; the report's name gets _lists<N>")
     ap.add_argument("--int8", action="store_true", help="encode with int8 dynamic quantisation of every Linear "
                                                        "layer (CPU; the report's name gets _int8)")
     ap.add_argument("--bag_only", action="store_true", help="encode with the weighted bag alone, skipping the "
@@ -307,6 +311,9 @@ def run(args) -> dict:
         except ValueError as e:
             raise UserError(str(e)) from None
     K = filt.model.config.num_codes
+    if args.lists < 0:
+        raise UserError(f"--lists {args.lists}: give a number of lists >= 1, or 0 for the checkpoint's {K} codes")
+    L = args.lists or K  # lists of the corpus-fitted IVFs and the random codes
     t0 = time.time()
     p_out = filt.encode(docs, role="passage")
     student_pps = len(docs) / (time.time() - t0)
@@ -327,7 +334,7 @@ def run(args) -> dict:
     d_emb = teacher.embed(docs).float().numpy()
     q_emb = teacher.embed(queries).float().numpy()
     teacher.flush()
-    ivf_code, ivf_order, k_ivf = ivf_on_teacher(d_emb, q_emb, K, args.seed)
+    ivf_code, ivf_order, k_ivf = ivf_on_teacher(d_emb, q_emb, L, args.seed)
     results["ivf_teacher"] = lists_row(ivf_code, ivf_order, k_ivf, rel_docs)
     speed = {"kmer_vqvae": student_pps, "teacher": teacher_pps, "ratio": student_pps / teacher_pps}
     # the cheap-encoder peer: Model2Vec from the same teacher + IVF with the same number of lists
@@ -341,15 +348,15 @@ def run(args) -> dict:
         speed["ratio_vs_model2vec"] = student_pps / speed["model2vec"]
         m_queries = m2v.encode(queries)
         for key, center in (("model2vec_ivf", False), ("model2vec_ivf_centred", True)):
-            m_code, m_order, k_m = kmeans_lists(m_docs, m_queries, K, args.seed, center)
+            m_code, m_order, k_m = kmeans_lists(m_docs, m_queries, L, args.seed, center)
             results[key] = lists_row(m_code, m_order, k_m, rel_docs)
     # the model's vectors with lists fitted to this corpus, exactly as the peers' IVF is built (what
     # `kmer_index.py --lists corpus` does); then where recall is lost: exact search on the model's own
     # code-space vectors, and teacher queries against its decoded passages (teacher space)
     p_vec, q_vec = p_out["z_code"].numpy(), q_out["z_code"].numpy()
-    o_code, o_order, k_o = kmeans_lists(p_vec, q_vec, K, args.seed)
+    o_code, o_order, k_o = kmeans_lists(p_vec, q_vec, L, args.seed)
     results["kmer_vqvae_ivf"] = lists_row(o_code, o_order, k_o, rel_docs)
-    c_code, c_order, k_c = kmeans_lists(p_vec, q_vec, K, args.seed, center=True)
+    c_code, c_order, k_c = kmeans_lists(p_vec, q_vec, L, args.seed, center=True)
     results["kmer_vqvae_ivf_centred"] = lists_row(c_code, c_order, k_c, rel_docs)
     report_two_stage = two_stage(c_code, c_order, q_emb, d_emb, rel_docs)
     results["diag_exact_own_vectors"] = exact_row(q_vec, p_vec, rel_docs)
@@ -361,22 +368,23 @@ def run(args) -> dict:
         results["diag_teacher_general_codes"] = general_codebook_row(teacher, filt, d_emb, q_emb, rel_docs, K,
                                                                      args.general_windows, args.seed)
     rng = np.random.default_rng(args.seed)
-    rand_code = rng.integers(K, size=len(docs))
-    rand_order = np.stack([rng.permutation(K) for _ in queries])
-    results["random"] = lists_row(rand_code, rand_order, K, rel_docs)
+    rand_code = rng.integers(L, size=len(docs))
+    rand_order = np.stack([rng.permutation(L) for _ in queries])
+    results["random"] = lists_row(rand_code, rand_order, L, rel_docs)
     results["exact_teacher"] = exact_row(q_emb, d_emb, rel_docs)
 
     # 4. report
     out_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out_dir, exist_ok=True)
     report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "int8": args.int8,
-              "bag_only": args.bag_only, "passages": len(docs),
+              "bag_only": args.bag_only, "lists": L, "passages": len(docs),
               "query_set": hashlib.sha1("\n".join(map(str, qids)).encode()).hexdigest(),
               "queries": len(queries), "methods": results,
               "passages_per_s": speed, "two_stage_recall_at_10": report_two_stage, **extra}
     # named by checkpoint and dataset: evaluations of different checkpoints or sets never overwrite each other
     name = args.dataset if args.dataset != "beir" else os.path.basename(os.path.normpath(args.beir_dir))
-    stem = os.path.splitext(os.path.basename(args.checkpoint))[0] + "_int8" * args.int8 + "_bag" * args.bag_only
+    stem = (os.path.splitext(os.path.basename(args.checkpoint))[0] + "_int8" * args.int8 + "_bag" * args.bag_only
+            + (f"_lists{L}" if L != K else ""))
     json_path = os.path.join(out_dir, f"{stem}_{name}_filter_eval.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
@@ -390,13 +398,14 @@ def run(args) -> dict:
 
 def format_table(report: dict) -> str:
     fr = list(report["methods"]["kmer_vqvae"]["recall_at_fraction"])
-    head = "| method | " + " | ".join(f"R@{float(f) * 100:g}%" for f in fr) + " | corpus ppl |"
-    lines = [head, "|" + "---|" * (len(fr) + 2)]
+    head = "| method | " + " | ".join(f"R@{float(f) * 100:g}%" for f in fr) + " | corpus ppl | lists |"
+    lines = [head, "|" + "---|" * (len(fr) + 3)]
     for name, res in report["methods"].items():
         if "recall_at_fraction" not in res:
             continue
         ppl = f"{res['perplexity']:.0f}" if "perplexity" in res else "-"
-        lines.append(f"| {name} | " + " | ".join(f"{res['recall_at_fraction'][f]:.3f}" for f in fr) + f" | {ppl} |")
+        lines.append(f"| {name} | " + " | ".join(f"{res['recall_at_fraction'][f]:.3f}" for f in fr)
+                     + f" | {ppl} | {res.get('codes', '-')} |")
     ts = report.get("two_stage_recall_at_10", {})
     if ts:
         lines.append("filter (k-mer + IVF) then teacher re-rank, recall@10 / passages embedded per query: " + ", ".join(

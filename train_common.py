@@ -220,6 +220,8 @@ class RunLogger:
         if rank != 0:
             return
         os.makedirs(run_dir, exist_ok=True)
+        if not getattr(cfg, "resume", False):  # a new run (or --overwrite) starts a new log; --resume appends
+            open(self.path, "w").close()
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
         if cfg.wandb_mode != "disabled":

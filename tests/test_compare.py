@@ -64,7 +64,7 @@ def test_compare_refuses_other_queries_and_old_reports(tmp_path, capsys):
     path = tmp_path / "r.json"
     path.write_text(json.dumps(a))
     rows = ce.main([str(path), "--a", "m", "--b", "n", "--resamples", "200"])  # two methods of one run
-    assert rows[0]["diff"] == pytest.approx(0.5) and "| m | n | 1% |" in capsys.readouterr().out
+    assert rows[0]["diff"] == pytest.approx(0.5) and "| m | n | 1% | - / - |" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         ce.main([str(path)])
     assert e.value.code == 2 and "--a" in capsys.readouterr().err

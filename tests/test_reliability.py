@@ -1,4 +1,5 @@
 """Faults and bad input: kill -9 + resume, NaN losses, CLI validation."""
+import json
 import os
 import signal
 import subprocess
@@ -63,6 +64,17 @@ def _toy_loop(tmp_path, losses, skip=0):
                     save=lambda st, m, b: saved.append(st.step), state=state, logger=logger,
                     total_steps=len(losses))
     return state, saved
+
+
+def test_metrics_log_restarts_with_a_new_run_and_appends_on_resume(tmp_path):
+    def rows(resume):
+        cfg = make_dataclass("C", [("resume", bool, resume), ("wandb_mode", str, "disabled")])()
+        logger = tc.RunLogger(cfg, str(tmp_path / "run"), "toy")
+        logger.log("train", 1 + 10 * resume, {"loss": 1.0})
+        return [json.loads(l)["step"] for l in open(logger.path)]
+    assert rows(False) == [1]
+    assert rows(False) == [1]  # an overwritten run's log is not mixed into the new one
+    assert rows(True) == [1, 11]  # a resumed run continues its log
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
