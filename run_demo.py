@@ -29,7 +29,7 @@ QUICK = {"p1": ["--max_steps", "40", "--vq_warmup_steps", "10", "--eval_every", 
                 "--lexicon_teacher_words", "false", "--lexicon_steps", "10", "--bag_steps", "20"],
          "p1b": ["--max_steps", "10", "--eval_every", "10", "--train_windows", "160", "--eval_size", "64",
                  "--health_size", "400"],
-         "p2": ["--max_steps", "20", "--eval_every", "10", "--train_pairs", "400", "--eval_size", "128"]}
+         "p2": ["--max_steps", "20", "--eval_every", "10", "--train_pairs", "400", "--eval_size", "128", "--pair_groups", "6"]}
 
 
 def main(argv=None) -> dict:
@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
         evals[name] = eval_filter.main(["--checkpoint", ck2, "--dataset", name, "--teacher_cache", args.teacher_cache,
                                         "--model2vec_cache", args.model2vec_cache])
     minutes = (time.time() - t0) / 60
-    print(summary(r1, r1b, r2, evals, minutes))
+    print(summary(r1, r1b, r2, evals, minutes, "demo" if args.preset == "demo" else "CPU recipe"))
     return {"p1": r1, "p1b": r1b, "p2": r2, "eval": evals, "minutes": minutes}
 
 
@@ -97,12 +97,12 @@ def filter_table(evals: dict) -> list[str]:
     return lines
 
 
-def summary(r1, r1b, r2, evals, minutes) -> str:
+def summary(r1, r1b, r2, evals, minutes, name: str = "demo") -> str:
     m1, m1b, m2 = r1["metrics"], r1b["metrics"], r2["metrics"]
     h1 = r1.get("health", [])
     b1b = r1b["before"]
     lines = [
-        "", "=" * 78, f"demo finished in {minutes:.1f} min", "",
+        "", "=" * 78, f"{name} finished in {minutes:.1f} min", "",
         "| phase | metric | value |", "|---|---|---|",
         f"| 1a | held-out teacher cosine, quantised / continuous | {m1['cos_q']:.3f} / {m1['cos_e']:.3f} |",
         f"| 1a | mean-embedding baseline cosine | {m1['cos_mean_baseline']:.3f} |",

@@ -68,20 +68,20 @@ PRESETS = {
     "tiny": dict(data="sample", batch_size=8, max_steps=12, warmup_steps=2, eval_every=6, eval_size=32, eval_batch_size=8,
                  log_every=3, checkpoint="runs/tiny/kmer_vqvae_phase1b_lora.pt",
                  output="runs/tiny/kmer_vqvae_phase2_aligned.pt"),
+    # demo (and the CPU recipe): InfoNCE with hard in-batch negatives (62 groups of ~64 pairs), no query
+    # distillation. With query distillation it lowered recall measurably on the recipe at two seeds, and on
+    # the demo it was below this objective on SciTLDR, a domain no phase trains on (README "Filter quality")
     "demo": dict(data="sample", batch_size=64, lr=1e-4, max_steps=300, warmup_steps=20, eval_every=100, eval_size=512,
-                 train_pairs=4000, checkpoint="runs/demo/kmer_vqvae_phase1b_lora.pt",
-                 output="runs/demo/kmer_vqvae_phase2_aligned.pt"),
+                 train_pairs=4000, query_distill_weight=0.0, pair_groups=62,
+                 checkpoint="runs/demo/kmer_vqvae_phase1b_lora.pt", output="runs/demo/kmer_vqvae_phase2_aligned.pt"),
     # full: InfoNCE alone at lr 1e-4. The previous full Phase 2 (lr 3e-4 with query distillation) lowered every
     # IVF and exact-search cell measurably on a GPU run of the full preset; on the CPU those two choices cost
     # most (README "GPU"). It streams its pairs, so no --pair_groups (they cluster a fixed --train_pairs pool)
     "full": dict(data="hub", batch_size=256, lr=1e-4, max_steps=5000, warmup_steps=200, eval_every=500, eval_size=4096,
                  eval_batch_size=64, query_distill_weight=0.0, output="kmer_vqvae_phase2_aligned.pt"),
 }
-# the CPU recipe: the demo's Phase 2 with hard in-batch negatives and no query distillation; on the recipe's
-# Phase 1b the demo's objective lowered recall measurably at two seeds, this one least (README "Filter quality")
-PRESETS["cpu"] = {**PRESETS["demo"], "query_distill_weight": 0.0, "pair_groups": 62,
-                  "checkpoint": "runs/cpu/kmer_vqvae_phase1b_lora.pt",
-                  "output": "runs/cpu/kmer_vqvae_phase2_aligned.pt"}
+PRESETS["cpu"] = {**PRESETS["demo"], "checkpoint": "runs/cpu/kmer_vqvae_phase1b_lora.pt",
+                  "output": "runs/cpu/kmer_vqvae_phase2_aligned.pt"}  # the CPU recipe: the demo's Phase 2
 
 
 def inbatch_metrics(q: torch.Tensor, p: torch.Tensor, q_codes=None, p_codes=None) -> dict:

@@ -134,6 +134,21 @@ def retrieval(src: str):
     with open(os.path.join(base, "qrels/test.tsv"), encoding="utf-8") as f, \
             open(os.path.join(out, "qrels/test.tsv"), "w", encoding="utf-8") as g:
         g.write(f.read())
+    # SciTLDR (CS papers): each paper's first TLDR is a query, its title + abstract the one relevant passage
+    docs, queries = {}, {}
+    for split in ("train", "dev", "test"):
+        for line in open(os.path.join(src, f"academic/scitldr/SciTLDR-A_{split}.jsonl"), encoding="utf-8"):
+            r = json.loads(line)
+            if r["paper_id"] in docs or not r["target"]:
+                continue
+            docs[r["paper_id"]] = {"_id": r["paper_id"], "title": r.get("title", ""), "text": " ".join(r["source"])}
+            queries[r["paper_id"]] = {"_id": r["paper_id"] + "_q", "text": r["target"][0]}
+    out = os.path.join(HERE, "retrieval/scitldr")
+    write_jsonl(os.path.join(out, "corpus.jsonl.gz"), docs.values())
+    write_jsonl(os.path.join(out, "queries.jsonl.gz"), queries.values())
+    os.makedirs(os.path.join(out, "qrels"), exist_ok=True)
+    with open(os.path.join(out, "qrels/test.tsv"), "w", encoding="utf-8") as g:
+        g.write("query-id\tcorpus-id\tscore\n" + "".join(f"{q['_id']}\t{d}\t1\n" for d, q in queries.items()))
 
 
 def main():

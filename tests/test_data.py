@@ -1,13 +1,14 @@
 import gzip
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from data_common import parse_data_files, parse_weights
-from train_common import UserError
+from train_common import REPO, UserError
 from vqvae_phase1a_data_webtext import webtext_documents, wikitext_articles
 from vqvae_phase1b_data_domains import (DOMAIN_SOURCES, domain_documents, fmt_alpaca, fmt_arxiv, fmt_hh_rlhf,
                                         fmt_lmsys, fmt_oasst, fmt_pubmed, fmt_sharegpt, fmt_ultrachat)
@@ -209,3 +210,13 @@ def test_pair_batcher_resume_keeps_the_deferred_pairs():
     old = PairBatcher(lambda: iter(pairs), batch_size=4)
     old.skip(sum(len(x) for x in first))  # the pair position alone: the waiting pairs are gone
     assert list(old) != rest
+
+
+def test_bundled_retrieval_sets_load_with_their_judgements():
+    import eval_filter
+    for name, n_docs, n_queries in (("cisi", 1460, 76), ("scitldr", 3229, 3229)):
+        doc_ids, docs, qids, queries, qrels = eval_filter.load_beir(os.path.join(REPO, "data", "retrieval", name))
+        assert len(docs) == len(set(doc_ids)) == n_docs and len(queries) == len(qids) == n_queries
+        assert all(qrels[q] and qrels[q] <= set(doc_ids) for q in qids)
+    # SciTLDR: each query (a paper's TLDR) is judged against exactly its own paper
+    assert all(qrels[q] == {q[:-2]} for q in qids)
