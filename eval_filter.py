@@ -295,7 +295,7 @@ def run(args) -> dict:
     else:
         if args.dataset == "beir" and not args.beir_dir:
             raise UserError("--dataset beir needs --beir_dir FOLDER (corpus.jsonl, queries.jsonl, qrels/); "
-                            "--dataset cisi is the bundled one")
+                            "--dataset cisi or scitldr for the bundled ones")
         folder = args.beir_dir if args.dataset == "beir" else os.path.join(REPO, "data", "retrieval", args.dataset)
         doc_ids, docs, qids, queries, qrels = load_beir(folder, args.split)
     index = {d: i for i, d in enumerate(doc_ids)}

@@ -75,6 +75,10 @@ def work(rank, out):
     torch.save({{"w": model.module.weight.detach(), "skipped": state.skipped_nonfinite}}, f"{{out}}/rank{{rank}}.pt")
     dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort at exit otherwise)
     dist.destroy_process_group()
+    # gloo can still hold a joinable thread when the interpreter's C++ destructors run, which aborts the
+    # process ("terminate called without an active exception") after all work is done and saved; the
+    # results are on disk, so leave without running those destructors
+    os._exit(0)
 
 if __name__ == "__main__":
     mp.spawn(work, args=(sys.argv[1],), nprocs=2)
