@@ -115,7 +115,8 @@ def main(argv=None) -> list[dict]:
         sys.exit(2)
     print(f"A: {paths[0]}\nB: {paths[1]}\n{rows[0]['queries'] if rows else 0} queries ({a['dataset']}); "
           f"95% interval of B - A from a paired bootstrap over queries ({args.resamples:,} resamples)")
-    print("| A method | B method | kept | lists A / B | A | B | B - A | 95% interval | queries better / worse | verdict |")
+    print("| A method | B method | kept | lists A / B | A | B | B - A | 95% interval | queries better / worse "
+          "| verdict |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lists = " / ".join("-" if n is None else str(n) for n in r["lists"])  # exact search: no lists

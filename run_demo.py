@@ -29,7 +29,8 @@ QUICK = {"p1": ["--max_steps", "40", "--vq_warmup_steps", "10", "--eval_every", 
                 "--lexicon_teacher_words", "false", "--lexicon_steps", "10", "--bag_steps", "20"],
          "p1b": ["--max_steps", "10", "--eval_every", "10", "--train_windows", "160", "--eval_size", "64",
                  "--health_size", "400"],
-         "p2": ["--max_steps", "20", "--eval_every", "10", "--train_pairs", "400", "--eval_size", "128", "--pair_groups", "6"]}
+         "p2": ["--max_steps", "20", "--eval_every", "10", "--train_pairs", "400", "--eval_size", "128",
+                "--pair_groups", "6"]}
 
 
 def main(argv=None) -> dict:
