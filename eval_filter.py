@@ -268,10 +268,10 @@ def main(argv=None) -> dict:
                          "fixed codebook (k-means, same K) fitted on the teacher's embeddings of this many "
                          "bundled web-text windows, not on the corpus: the ceiling of any general codebook "
                          "(README 'Filter quality'); 0 = off")
-    ap.add_argument("--lists", type=int, default=0,
+    ap.add_argument("--num_lists", type=int, default=0,
                     help="lists of every IVF fitted to the corpus (teacher, Model2Vec, the model's vectors) and of "
-                         "the random codes; default: the checkpoint's codes. The own-codes row keeps the model's "
-                         "codebook; the report's name gets _lists<N>")
+                         "the random codes, as `kmer_index.py build --num_lists`; default: the checkpoint's codes. "
+                         "The own-codes row keeps the model's codebook; the report's name gets _lists<N>")
     ap.add_argument("--int8", action="store_true", help="encode with int8 dynamic quantisation of every Linear "
                                                        "layer (CPU; the report's name gets _int8)")
     ap.add_argument("--bag_only", action="store_true", help="encode with the weighted bag alone, skipping the "
@@ -313,9 +313,10 @@ def run(args) -> dict:
         except ValueError as e:
             raise UserError(str(e)) from None
     K = filt.model.config.num_codes
-    if args.lists < 0:
-        raise UserError(f"--lists {args.lists}: give a number of lists >= 1, or 0 for the checkpoint's {K} codes")
-    L = args.lists or K  # lists of the corpus-fitted IVFs and the random codes
+    if args.num_lists < 0:
+        raise UserError(f"--num_lists {args.num_lists}: give a number of lists >= 1, or 0 for the checkpoint's "
+                        f"{K} codes")
+    L = args.num_lists or K  # lists of the corpus-fitted IVFs and the random codes
     t0 = time.time()
     p_out = filt.encode(docs, role="passage")
     student_pps = len(docs) / (time.time() - t0)

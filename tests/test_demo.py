@@ -37,9 +37,9 @@ def test_quick_demo_chain(tmp_path, teacher_cache_dir, capsys):
     kept, recall = [r["fraction_kept"] for r in g["n_probe"]], [r["recall"] for r in g["n_probe"]]
     assert kept == sorted(kept) and recall == sorted(recall) and 0 < kept[-1] <= 1  # more probes keep more
     assert 0 <= g["recall_at_fraction"]["0.01"] <= g["recall_at_fraction"]["0.05"] <= 1
-    # --lists: every corpus-fitted IVF (and the random codes) at another list count; own codes keep the codebook
+    # --num_lists: every corpus-fitted IVF (and the random codes) at another list count; own codes keep the codebook
     rep = eval_filter.main(["--checkpoint", str(tmp_path / "kmer_vqvae_phase2_aligned.pt"), "--dataset", "cisi",
-                            "--teacher_cache", teacher_cache_dir, "--no_model2vec", "--lists", "8",
+                            "--teacher_cache", teacher_cache_dir, "--no_model2vec", "--num_lists", "8",
                             "--output_dir", str(tmp_path / "lists")])
     m = rep["methods"]
     assert rep["lists"] == 8 and rep["json"].endswith("kmer_vqvae_phase2_aligned_lists8_cisi_filter_eval.json")
