@@ -43,18 +43,19 @@ class Lexicon:
 
     @classmethod
     def build(cls, documents: Iterable[str], teacher, size: int, max_chars: int = 20_000_000,
-              sif: float = 1e-4, min_count: int = 2, teacher_vocab: bool = True) -> "Lexicon":
+              sif: float = 1e-4, min_count: int = 2, teacher_vocab: bool = True,
+              more: tuple[tuple[Iterable[str], int], ...] = ()) -> "Lexicon":
         """The `size` most frequent words of `documents` (read up to max_chars) that occur at least
-        min_count times, plus the teacher's whole-word vocabulary (general English beyond the sample)."""
+        min_count times, plus the teacher's whole-word vocabulary (general English beyond the sample).
+        `more`: (documents, n) pairs, each adding its own n most frequent words (another domain's text,
+        whose words the first text's counts would drown); the SIF weights count all the texts."""
         counts: collections.Counter = collections.Counter()
-        n = 0
-        for doc in documents:
-            counts.update(words(doc))
-            n += len(doc)
-            if n >= max_chars:
-                break
-        corpus = [w for w, c in counts.most_common(size) if c >= min_count]
-        vocab = sorted(set(corpus) | set(teacher_words(teacher) if teacher_vocab else ()))
+        vocab = set(teacher_words(teacher) if teacher_vocab else ())
+        for docs, n_words in ((documents, size), *more):
+            seen = count_words(docs, max_chars)
+            vocab |= {w for w, c in seen.most_common(n_words) if c >= min_count}
+            counts.update(seen)
+        vocab = sorted(vocab)
         return cls(vocab, teacher.embed(vocab), dict(counts), sif)
 
     def static_targets(self, texts: list[str]) -> torch.Tensor:
@@ -71,6 +72,18 @@ class Lexicon:
             cols_t = torch.tensor(cols)
             out.index_add_(0, torch.tensor(rows), self.embeddings[cols_t] * torch.tensor(vals)[:, None])
         return F.normalize(out, dim=-1)
+
+
+def count_words(documents: Iterable[str], max_chars: int) -> collections.Counter:
+    """Word counts over the documents, read until max_chars characters."""
+    counts: collections.Counter = collections.Counter()
+    n = 0
+    for doc in documents:
+        counts.update(words(doc))
+        n += len(doc)
+        if n >= max_chars:
+            break
+    return counts
 
 
 def teacher_words(teacher) -> list[str]:

@@ -67,6 +67,9 @@ class Phase1Config(CommonConfig):
     lexicon_size: int = opt(40_000, "most frequent training-text words that, with the teacher's whole-word vocabulary, "
                             "get teacher embeddings for the word stage and the static targets (0 = off)", min=0)
     lexicon_teacher_words: bool = opt(True, "add the teacher tokenizer's ~21.7k whole words to the lexicon")
+    lexicon_domain_words: int = opt(0, "the most frequent words of Phase 1b's training text (its default academic and "
+                                    "chat sources for --data sample/hub; the ones --data_files names for files) "
+                                    "also join the lexicon (0 = none; README \"Filter quality\")", min=0)
     lexicon_steps: int = opt(300, "word-stage steps first: each k-mer window is one word, its target the teacher's "
                              "embedding of that word (0 = none; needs --lexicon_size)", min=0)
     bag_steps: int = opt(0, "steps after the word stage during which the transformer blocks (zero-initialised, so "
@@ -245,6 +248,21 @@ class CodebookUpkeep:
         return logs
 
 
+def domain_lexicon_documents(cfg):
+    """Phase 1b's training documents (cycled once), for the lexicon's domain words."""
+    from vqvae_phase1b_data_domains import DOMAIN_SOURCES, HUB_DEFAULT, SAMPLE_DEFAULT, domain_documents
+    files = parse_data_files(cfg.data_files)
+    if cfg.data == "files":
+        weights = {n: 1.0 for n in files if n in DOMAIN_SOURCES}
+        if not weights:
+            raise UserError(f"--lexicon_domain_words needs Phase 1b's files in --data_files (any of "
+                            f"{', '.join(DOMAIN_SOURCES)}), or --lexicon_domain_words 0")
+    else:
+        weights = parse_weights(HUB_DEFAULT if cfg.data == "hub" else SAMPLE_DEFAULT, DOMAIN_SOURCES)
+    return domain_documents(cfg.data, "train", weights, files=files, seed=cfg.seed, cycle=False,
+                            skip_unavailable=cfg.data == "hub")
+
+
 def build_lexicon(cfg, docs, teacher, rank):
     """The word list and its teacher embeddings (cached like any teacher target), or None when off."""
     if not cfg.lexicon_size or not (cfg.lexicon_steps or cfg.static_windows):
@@ -252,7 +270,9 @@ def build_lexicon(cfg, docs, teacher, rank):
     from lexicon import Lexicon
     import time
     t0 = time.time()
-    lex = Lexicon.build(docs("train", False), teacher, cfg.lexicon_size, teacher_vocab=cfg.lexicon_teacher_words)
+    more = ((domain_lexicon_documents(cfg), cfg.lexicon_domain_words),) if cfg.lexicon_domain_words else ()
+    lex = Lexicon.build(docs("train", False), teacher, cfg.lexicon_size, teacher_vocab=cfg.lexicon_teacher_words,
+                        more=more)
     teacher.flush()
     if rank == 0:
         print(f"lexicon: {len(lex.vocab):,} words with teacher embeddings ({time.time() - t0:.0f} s)")

@@ -65,6 +65,19 @@ def test_lexicon_words_weights_and_static_targets():
     assert float(lex.weights[lex.index["the"]]) < float(lex.weights[lex.index["apple"]])  # frequent: lighter
 
 
+def test_lexicon_domain_text_adds_its_own_most_frequent_words():
+    web = ["the cat sat on the mat"] * 3 + ["a dog ran"] * 2
+    domain = ["the lemma holds", "the lemma fails", "a theorem", "a theorem", "the proof"]
+    alone = Lexicon.build(web, _Teacher(), size=6, teacher_vocab=False)
+    assert "lemma" not in alone.index  # the web text alone never names it
+    lex = Lexicon.build(web, _Teacher(), size=6, teacher_vocab=False, more=((domain, 2),))
+    assert set(lex.vocab) == set(alone.vocab) | {"lemma"}  # the domain's top 2: 'the' (known), 'lemma'
+    assert "theorem" not in lex.index  # third in the domain text ('lemma' came first at the same count)
+    total = 18 + 6 + 12  # words of web (18 + 6) and domain (12) text: the SIF weights count both
+    assert float(lex.weights[lex.index["the"]]) == pytest.approx(1e-4 / (1e-4 + 9 / total))
+    assert float(lex.weights[lex.index["lemma"]]) == pytest.approx(1e-4 / (1e-4 + 2 / total))
+
+
 def test_bag_stage_skips_blocks_exactly_at_zero_init(tiny_config):
     torch.manual_seed(0)
     model = KmerVQVAE(**tiny_config).eval()
