@@ -214,14 +214,13 @@ def library_versions() -> dict:
 class RunLogger:
     """metrics.jsonl always; wandb when asked; only rank 0 writes."""
 
-    def __init__(self, cfg, run_dir: str, phase: str, rank: int = 0):
+    def __init__(self, cfg, run_dir: str, phase: str, rank: int = 0, resumed_step: int = 0):
         self.rank, self.wandb = rank, None
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if rank != 0:
             return
         os.makedirs(run_dir, exist_ok=True)
-        if not getattr(cfg, "resume", False):  # a new run (or --overwrite) starts a new log; --resume appends
-            open(self.path, "w").close()
+        self._keep_until(resumed_step)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
         if cfg.wandb_mode != "disabled":
@@ -236,6 +235,21 @@ class RunLogger:
             except ImportError:
                 return
             self.wandb = wandb.init(mode="disabled", config=asdict(cfg))
+
+    def _keep_until(self, step: int):
+        """A new run (step 0) starts a new log; a resumed one keeps the rows up to its checkpoint's step
+        and drops those the killed run logged after it, which the resumed run logs again."""
+        kept = []
+        if step > 0 and os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn last line from the kill
+        with open(self.path, "w") as f:
+            f.writelines(kept)
 
     def log(self, kind: str, step: int, metrics: dict, histogram=None):
         if self.rank != 0:

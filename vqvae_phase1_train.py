@@ -338,7 +338,7 @@ def main(cfg: Phase1Config) -> dict:
                                                             find_unused_parameters=bag_end > 0) if world > 1 else model
     if cfg.compile:
         train_model = torch.compile(train_model)
-    logger = tc.RunLogger(cfg, run_dir, "phase1a", rank)
+    logger = tc.RunLogger(cfg, run_dir, "phase1a", rank, resumed_step=state.step)
     # The codebook's own stream: with --codebook_windows it leaves out the teacher-labelled windows,
     # whose encoder outputs are fitted (overfit, on a small pool) and so unlike held-out text's.
     labelled = set(eval_windows(docs("train", False), tok, cfg.train_windows)) \

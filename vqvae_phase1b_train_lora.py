@@ -137,7 +137,7 @@ def main(cfg: Phase1bConfig) -> dict:
         state = tc.resume_state(ckpt, optimizer, stream.skip)
         before = ckpt["metrics"].get("before", before)
     train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    logger = tc.RunLogger(cfg, run_dir, "phase1b", rank)
+    logger = tc.RunLogger(cfg, run_dir, "phase1b", rank, resumed_step=state.step)
     if rank == 0:
         print(f"phase 1b: LoRA rank {cfg.lora_rank} on q_proj/v_proj: {n_lora:,} LoRA parameters; trainable "
               f"{trainable:,} of {total:,} ({100 * trainable / total:.3f}%), codebook {cfg.codebook}")

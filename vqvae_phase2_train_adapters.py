@@ -266,7 +266,7 @@ def main(cfg: Phase2Config) -> dict:
         state = tc.resume_state(ckpt, optimizer, batches.skip if drawn is None else
                                 lambda _: batches.skip_batches(drawn))
     train_adapters = torch.nn.parallel.DistributedDataParallel(adapters) if world > 1 else adapters
-    logger = tc.RunLogger(cfg, run_dir, "phase2", rank)
+    logger = tc.RunLogger(cfg, run_dir, "phase2", rank, resumed_step=state.step)
     before = evaluate_pairs(model, adapters, enc, held, cfg.eval_batch_size, teacher_emb)
     if rank == 0:
         print(f"phase 2: {cfg.adapter_type} adapters, {sum(p.numel() for p in params):,} trainable parameters; "

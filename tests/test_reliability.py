@@ -26,7 +26,7 @@ def _run_phase1(args, env):
 
 def test_kill_9_then_resume_reaches_the_same_budget(tmp_path, teacher_cache_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    base = ["--teacher_cache", teacher_cache_dir, "--max_steps", "60", "--eval_every", "5"]
+    base = ["--teacher_cache", teacher_cache_dir, "--max_steps", "60", "--eval_every", "5", "--log_every", "1"]
     straight = tmp_path / "straight.pt"
     assert _run_phase1([*base, "--output", str(straight)], env).wait(timeout=300) == 0
     killed = tmp_path / "killed.pt"
@@ -46,6 +46,9 @@ def test_kill_9_then_resume_reaches_the_same_budget(tmp_path, teacher_cache_dir)
     assert a["tokens_seen"] == b["tokens_seen"]
     assert a["resume"]["data_position"] == b["resume"]["data_position"]  # nothing repeated or skipped
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")]
+    logged = lambda run: [(r["kind"], r["step"]) for r in map(json.loads, open(tmp_path / run / "metrics.jsonl"))
+                          if r["kind"] == "train"]
+    assert logged("killed_run") == logged("straight_run")  # each step's row once, in order
 
 
 def _toy_loop(tmp_path, losses, skip=0):
@@ -66,15 +69,21 @@ def _toy_loop(tmp_path, losses, skip=0):
     return state, saved
 
 
-def test_metrics_log_restarts_with_a_new_run_and_appends_on_resume(tmp_path):
-    def rows(resume):
-        cfg = make_dataclass("C", [("resume", bool, resume), ("wandb_mode", str, "disabled")])()
-        logger = tc.RunLogger(cfg, str(tmp_path / "run"), "toy")
-        logger.log("train", 1 + 10 * resume, {"loss": 1.0})
+def test_metrics_log_restarts_with_a_new_run_and_resumes_at_the_checkpoint(tmp_path):
+    cfg = make_dataclass("C", [("wandb_mode", str, "disabled")])()
+
+    def rows(resumed_step, new_steps):
+        logger = tc.RunLogger(cfg, str(tmp_path / "run"), "toy", resumed_step=resumed_step)
+        for s in new_steps:
+            logger.log("train", s, {"loss": 1.0})
         return [json.loads(l)["step"] for l in open(logger.path)]
-    assert rows(False) == [1]
-    assert rows(False) == [1]  # an overwritten run's log is not mixed into the new one
-    assert rows(True) == [1, 11]  # a resumed run continues its log
+    assert rows(0, [1, 2, 3]) == [1, 2, 3]
+    assert rows(0, [1]) == [1]  # an overwritten run's log is not mixed into the new one
+    assert rows(0, [1, 2, 3, 4, 5]) == [1, 2, 3, 4, 5]  # killed after step 5, its checkpoint at step 3:
+    assert rows(3, [4, 5, 6]) == [1, 2, 3, 4, 5, 6]  # the resumed run logs 4 and 5 once more, not twice
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "ste')  # a row torn by the kill
+    assert rows(6, [7]) == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
