@@ -26,7 +26,8 @@ from train_common import parse_config  # noqa: E402
 
 QUICK = {"p1": ["--max_steps", "40", "--vq_warmup_steps", "10", "--eval_every", "20", "--train_windows", "400",
                 "--kmeans_samples", "600", "--eval_size", "100", "--health_size", "400", "--lexicon_size", "500",
-                "--lexicon_teacher_words", "false", "--lexicon_steps", "10", "--bag_steps", "20"],
+                "--lexicon_teacher_words", "false", "--lexicon_domain_words", "200", "--lexicon_steps", "10",
+                "--bag_steps", "20"],
          "p1b": ["--max_steps", "10", "--eval_every", "10", "--train_windows", "160", "--eval_size", "64",
                  "--health_size", "400"],
          "p2": ["--max_steps", "20", "--eval_every", "10", "--train_pairs", "400", "--eval_size", "128",

@@ -220,3 +220,17 @@ def test_bundled_retrieval_sets_load_with_their_judgements():
         assert all(qrels[q] and qrels[q] <= set(doc_ids) for q in qids)
     # SciTLDR: each query (a paper's TLDR) is judged against exactly its own paper
     assert all(qrels[q] == {q[:-2]} for q in qids)
+
+
+def test_lexicon_domain_words_read_phase1b_text_or_say_what_is_missing(tmp_path):
+    import vqvae_phase1_train as p1
+    from train_common import parse_config
+    web = _jsonl(tmp_path / "c4.jsonl.gz", [{"text": "web text"}])
+    arxiv = _jsonl(tmp_path / "arxiv.jsonl.gz", [{"title": "On lemmas", "abstract": "A lemma."}])
+    cfg = lambda *a: parse_config(p1.Phase1Config, p1.PRESETS, ["--preset", "tiny", "--lexicon_domain_words", "5", *a])
+    with pytest.raises(UserError, match="needs Phase 1b's files in --data_files"):
+        p1.domain_lexicon_documents(cfg("--data", "files", "--data_files", f"c4={web}"))
+    files = cfg("--data", "files", "--data_files", f"c4={web};arxiv={arxiv}")
+    assert list(p1.domain_lexicon_documents(files)) == ["On lemmas. A lemma."]  # Phase 1b's format, web left out
+    sample = list(itertools.islice(p1.domain_lexicon_documents(cfg()), 400))  # the bundled academic and chat text
+    assert any(d.startswith("User:") for d in sample) and not all(d.startswith("User:") for d in sample)
