@@ -174,12 +174,18 @@ def two_stage(code_of_doc, probe_order, q_emb, d_emb, rel_docs, fractions=(0.01,
     return out
 
 
-def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int, center: bool = False):
+# corpus IVF variants, each for the model's vectors and the peer's: (row suffix, centre, whitening power)
+ROUTINGS = (("_ivf", False, 0.0), ("_ivf_centred", True, 0.0), ("_ivf_whitened", True, 0.5))
+
+
+def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int, center: bool = False,
+                 whiten: float = 0.0):
     """Spherical k-means IVF (FAISS) on any vectors: (doc list, query probe order, lists). center: first
-    subtract the corpus's mean vector from passages and queries (what `kmer_index.py build` does)."""
-    if center:
-        mean = d_emb.mean(0, keepdims=True)
-        d_emb, q_emb = d_emb - mean, q_emb - mean
+    subtract the corpus's mean vector from passages and queries (what `kmer_index.py build` does); whiten:
+    then `kmer_index.py build --whiten`'s corpus-fitted scaling of the principal axes."""
+    from kmer_index import centred, routing_transform
+    mean, transform = routing_transform(d_emb, center, whiten)
+    d_emb, q_emb = centred(d_emb, mean, transform), centred(q_emb, mean, transform)
     d = d_emb / np.linalg.norm(d_emb, axis=1, keepdims=True).clip(min=1e-12)
     q = q_emb / np.linalg.norm(q_emb, axis=1, keepdims=True).clip(min=1e-12)
     return ivf_on_teacher(d, q, K, seed)
@@ -350,17 +356,18 @@ def run(args) -> dict:
         speed["model2vec"] = len(docs) / (time.time() - t0)
         speed["ratio_vs_model2vec"] = student_pps / speed["model2vec"]
         m_queries = m2v.encode(queries)
-        for key, center in (("model2vec_ivf", False), ("model2vec_ivf_centred", True)):
-            m_code, m_order, k_m = kmeans_lists(m_docs, m_queries, L, args.seed, center)
-            results[key] = lists_row(m_code, m_order, k_m, rel_docs)
+        for key, center, whiten in ROUTINGS:
+            m_code, m_order, k_m = kmeans_lists(m_docs, m_queries, L, args.seed, center, whiten)
+            results["model2vec" + key] = lists_row(m_code, m_order, k_m, rel_docs)
     # the model's vectors with lists fitted to this corpus, exactly as the peers' IVF is built (what
     # `kmer_index.py --lists corpus` does); then where recall is lost: exact search on the model's own
     # code-space vectors, and teacher queries against its decoded passages (teacher space)
     p_vec, q_vec = p_out["z_code"].numpy(), q_out["z_code"].numpy()
-    o_code, o_order, k_o = kmeans_lists(p_vec, q_vec, L, args.seed)
-    results["kmer_vqvae_ivf"] = lists_row(o_code, o_order, k_o, rel_docs)
-    c_code, c_order, k_c = kmeans_lists(p_vec, q_vec, L, args.seed, center=True)
-    results["kmer_vqvae_ivf_centred"] = lists_row(c_code, c_order, k_c, rel_docs)
+    for key, center, whiten in ROUTINGS:
+        o_code, o_order, k_o = kmeans_lists(p_vec, q_vec, L, args.seed, center, whiten)
+        results["kmer_vqvae" + key] = lists_row(o_code, o_order, k_o, rel_docs)
+        if key == "_ivf_centred":
+            c_code, c_order = o_code, o_order
     report_two_stage = two_stage(c_code, c_order, q_emb, d_emb, rel_docs)
     results["diag_exact_own_vectors"] = exact_row(q_vec, p_vec, rel_docs)
     with torch.no_grad():

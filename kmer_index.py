@@ -103,17 +103,36 @@ def probe_lists(order: np.ndarray, offsets: np.ndarray, members: np.ndarray, n_p
     return probe, np.concatenate([members[offsets[k]:offsets[k + 1]] for k in probe])
 
 
-def centred(vectors: np.ndarray, center) -> np.ndarray:
-    """Vectors as routed: minus the index's corpus mean when it has one."""
-    return vectors if center is None else vectors - center
+def centred(vectors: np.ndarray, center, transform=None) -> np.ndarray:
+    """Vectors as routed: minus the index's corpus mean when it has one, then through its whitening
+    matrix when it has one."""
+    out = vectors if center is None else vectors - center
+    return out if transform is None else out @ transform
+
+
+def routing_transform(sample: np.ndarray, center: bool = True, whiten: float = 0.0):
+    """(mean or None, matrix or None) fitted to a corpus sample: vectors route as (v - mean) @ matrix.
+    whiten p > 0 scales each principal axis of the centred sample by its variance ** (-p / 2): p = 1
+    whitens, p = 0.5 (half-whitening) divides each axis by the fourth root of its variance, so the few
+    directions that every passage of a one-domain corpus varies along most stop deciding all its lists
+    (README "Filter quality"). Variances are floored at 1e-4 of the largest, so axes the sample hardly
+    spans are not blown up."""
+    mean = sample.mean(0) if center or whiten else None
+    if not whiten:
+        return mean, None
+    x = (sample - mean).astype(np.float64)
+    vals, vecs = np.linalg.eigh(x.T @ x / max(1, len(x) - 1))
+    vals = np.clip(vals, vals.max() * 1e-4, None)
+    return mean, ((vecs * vals ** (-whiten / 2)) @ vecs.T).astype(np.float32)
 
 
 class Index:
     """An index in memory: centroids, codes, ids, sources; `search` gives candidate passages."""
 
-    def __init__(self, meta: dict, centroids, codes, ids, sources, center=None):
+    def __init__(self, meta: dict, centroids, codes, ids, sources, center=None, transform=None):
         self.meta, self.centroids, self.codes, self.ids, self.sources = meta, centroids, codes, ids, sources
         self.center = center  # (d,) subtracted from every vector before routing; None = no centring
+        self.transform = transform  # (d, d) applied after centring (--whiten); None = none
         self.offsets, self.members = inverted_lists(codes, len(centroids))
 
     @classmethod
@@ -125,9 +144,9 @@ class Index:
         if meta.get("format") != INDEX_FORMAT:
             raise UserError(f"{folder} has index format {meta.get('format')!r}, not {INDEX_FORMAT!r}: rebuild it")
         ld = lambda n: np.load(os.path.join(folder, n), allow_pickle=False)
-        center = ld("center.npy") if os.path.isfile(os.path.join(folder, "center.npy")) else None
+        opt = lambda n: ld(n) if os.path.isfile(os.path.join(folder, n)) else None
         index = cls(meta, ld("centroids.npy"), ld("codes.npy"), json.load(open(os.path.join(folder, "ids.json"))),
-                    ld("sources.npy"), center)
+                    ld("sources.npy"), opt("center.npy"), opt("transform.npy"))
         if checkpoint_sha:
             index.check_checkpoint(checkpoint_sha, folder)
         return index
@@ -144,8 +163,9 @@ class Index:
                           ("sources.npy", self.sources.astype(np.int64)), ("list_offsets.npy", self.offsets),
                           ("list_members.npy", self.members)):
             _save_npy(folder, name, arr)
-        if self.center is not None:
-            _save_npy(folder, "center.npy", self.center.astype(np.float32))
+        for name, arr in (("center.npy", self.center), ("transform.npy", self.transform)):
+            if arr is not None:
+                _save_npy(folder, name, arr.astype(np.float32))
         _save_json(folder, "ids.json", self.ids)
         _save_json(folder, "index.json", {**self.meta, "passages": len(self.ids)})  # last: marks it complete
 
@@ -155,7 +175,8 @@ class Index:
         N = len(self.codes)
         limit = budget * N if 0 < budget < 1 else budget
         out = []
-        for order in np.argsort(-(centred(q_vec, self.center) @ self.centroids.T), axis=1, kind="stable"):
+        for order in np.argsort(-(centred(q_vec, self.center, self.transform) @ self.centroids.T), axis=1,
+                                kind="stable"):
             probe, cand = probe_lists(order, self.offsets, self.members, n_probe, limit)
             out.append({"codes": probe.tolist(), "candidates": cand, "fraction_kept": len(cand) / max(1, N)})
         return out
@@ -181,13 +202,16 @@ def build(args) -> Index:
         filt = load_pretrained(args.checkpoint)
     except CheckpointError as e:
         raise UserError(str(e)) from None
+    if args.whiten < 0 or (args.whiten and args.lists == "model"):
+        raise UserError(f"--whiten {args.whiten:g}: give a power >= 0 (0.5 = half-whitening), with --lists corpus "
+                        f"(it is fitted to the corpus)")
     sha = _sha(args.checkpoint)
     old = Index.load(args.index, sha) if args.append else None
     if not args.append and os.path.isfile(os.path.join(args.index, "index.json")) and not args.overwrite:
         raise UserError(f"{args.index} already holds an index: pass --append to add passages, or --overwrite")
     files = (old.meta["corpus_files"] if old else []) + [os.path.abspath(c) for c in args.corpus]
     centroids = old.centroids if old is not None else None
-    center = old.center if old is not None else None
+    center, transform = (old.center, old.transform) if old is not None else (None, None)
     if centroids is None and args.lists == "model":
         centroids = filt.model.quantizer._codes().detach().numpy().astype(np.float32)
     os.makedirs(args.index, exist_ok=True)
@@ -206,7 +230,7 @@ def build(args) -> Index:
                     v = encode_vectors(filt, [t for _, t, _ in chunk], "passage")
                     dim = v.shape[1]
                     if centroids is not None:
-                        codes.append((centred(v, center) @ centroids.T).argmax(1).astype(np.int32))
+                        codes.append((centred(v, center, transform) @ centroids.T).argmax(1).astype(np.int32))
                     else:
                         sp.write(v.astype(np.float16).tobytes())
                     ids += [i for i, _, _ in chunk]
@@ -222,10 +246,11 @@ def build(args) -> Index:
             sample = np.asarray(V[fit], dtype=np.float32)
             # the corpus's mean vector: a one-domain corpus shares a large common direction that would
             # otherwise dominate the cosine between its passages (README "Filter quality")
-            center = None if args.no_center else sample.mean(0)
-            centroids = spherical_kmeans(torch.from_numpy(centred(sample, center)), K, seed=args.seed)[0].numpy()
-            codes = [(centred(np.asarray(V[i:i + 65536], dtype=np.float32), center) @ centroids.T).argmax(1)
-                     .astype(np.int32) for i in range(0, len(ids), 65536)]
+            center, transform = routing_transform(sample, not args.no_center, args.whiten)
+            centroids = spherical_kmeans(torch.from_numpy(centred(sample, center, transform)), K,
+                                         seed=args.seed)[0].numpy()
+            codes = [(centred(np.asarray(V[i:i + 65536], dtype=np.float32), center, transform) @ centroids.T)
+                     .argmax(1).astype(np.int32) for i in range(0, len(ids), 65536)]
             del V
     finally:
         if os.path.exists(spool):
@@ -234,13 +259,14 @@ def build(args) -> Index:
     meta = {"format": INDEX_FORMAT, "checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": sha,
             "lists": old.meta["lists"] if old else args.lists, "num_lists": int(len(centroids)),
             "corpus_files": files, "role": "passage" if filt.adapters is not None else None,
-            "centred": center is not None, **fields}
+            "centred": center is not None, "whiten": float(old.meta.get("whiten", 0.0)) if old else args.whiten,
+            **fields}
     if args.unique_text:
         meta["text_hashes"] = sorted(seen)
     sources = np.asarray(sources, dtype=np.int64).reshape(-1, 2)
     if old is not None:
         codes, ids, sources = np.concatenate([old.codes, codes]), old.ids + ids, np.concatenate([old.sources, sources])
-    index = Index(meta, centroids, codes, ids, sources, center)
+    index = Index(meta, centroids, codes, ids, sources, center, transform)
     index.save(args.index)
     return index
 
@@ -312,6 +338,9 @@ def main(argv=None):
     b.add_argument("--num_lists", type=int, default=0, help="lists for --lists corpus (default: the model's codes)")
     b.add_argument("--no_center", action="store_true",
                    help="--lists corpus: do not subtract the corpus's mean vector before fitting and routing")
+    b.add_argument("--whiten", type=float, default=0.0,
+                   help="--lists corpus: scale each principal axis of the centred corpus by variance^(-P/2) before "
+                        "fitting and routing (0 = off, 0.5 = half-whitening, 1 = whitening; README)")
     b.add_argument("--append", action="store_true", help="add passages to an existing index (same lists)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index")
     b.add_argument("--batch_size", type=int, default=512)

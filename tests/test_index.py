@@ -86,6 +86,33 @@ def test_corpus_lists_and_rerank_text_lookup(ckpt, tmp_path):
     assert plain.center is None and np.array_equal(plain.codes, (v @ plain.centroids.T).argmax(1))
 
 
+def test_whitening_scales_each_principal_axis_and_the_index_routes_through_it(ckpt, tmp_path):
+    rng = np.random.default_rng(0)
+    axes = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    sd = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.25])
+    x = (rng.normal(size=(4000, 6)) * sd) @ axes.T + 3.0  # known variances sd**2 along known axes, off-centre
+    mean, w = kmer_index.routing_transform(x, whiten=0.5)
+    y = kmer_index.centred(x, mean, w)
+    assert np.allclose(y.mean(0), 0, atol=1e-6)
+    var = np.linalg.eigvalsh(np.cov(y.T))  # half-whitening: each variance becomes its square root
+    assert np.allclose(np.sort(var), np.sort(np.linalg.eigvalsh(np.cov(x.T)) ** 0.5), rtol=1e-3)
+    full = kmer_index.centred(x, *kmer_index.routing_transform(x, whiten=1.0))
+    assert np.allclose(np.cov(full.T), np.eye(6), atol=1e-3)  # whitening: identity covariance
+    assert kmer_index.routing_transform(x, center=True)[1] is None  # no whitening asked: the mean alone
+    a = _corpus(tmp_path / "a.jsonl", TEXTS)
+    index = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "i"),
+                             "--num_lists", "4", "--whiten", "0.5"])
+    loaded = kmer_index.Index.load(str(tmp_path / "i"))
+    assert loaded.meta["whiten"] == 0.5 and np.array_equal(loaded.transform, index.transform)
+    v = kmer_index.encode_vectors(load_pretrained(str(ckpt)), TEXTS, "passage").astype(np.float16).astype(np.float32)
+    routed = (v - loaded.center) @ loaded.transform
+    assert np.array_equal(loaded.codes, (routed @ loaded.centroids.T).argmax(1))
+    assert [h["codes"][0] for h in loaded.search(v, n_probe=1)] == loaded.codes.tolist()  # queries too
+    with pytest.raises(SystemExit):
+        kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "m"),
+                         "--lists", "model", "--whiten", "0.5"])
+
+
 def test_foreign_checkpoint_and_bad_lines_are_one_clear_error(ckpt, tmp_path, capsys):
     a = _corpus(tmp_path / "a.jsonl", TEXTS[:8])
     kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "i")])
