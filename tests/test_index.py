@@ -150,3 +150,18 @@ def test_other_columns_and_unique_texts(ckpt, tmp_path):
                              "--id_field", "id", "--text_field", "context", "--unique_text", "--num_lists", "2"])
     assert index.ids == ["q0", "q3", "q6", "q9"]
     assert kmer_index.passage_texts(kmer_index.Index.load(str(tmp_path / "s")), np.array([1])) == [TEXTS[1]]
+
+
+def test_eval_ivf_rows_route_passages_and_queries_through_the_same_transform():
+    import eval_filter
+    rng = np.random.default_rng(1)
+    d = (rng.normal(size=(300, 8)) * np.array([6, 3, 1, 1, 1, 0.5, 0.5, 0.2]) + 2).astype(np.float32)
+    q = (rng.normal(size=(40, 8)) + 2).astype(np.float32)
+    mean, w = kmer_index.routing_transform(d, whiten=0.5)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    by_hand = eval_filter.ivf_on_teacher(unit((d - mean) @ w), unit((q - mean) @ w), 16, 0)
+    got = eval_filter.kmeans_lists(d, q, 16, 0, center=True, whiten=0.5)
+    assert all(np.array_equal(a, b) for a, b in zip(got[:2], by_hand[:2]))
+    plain = eval_filter.kmeans_lists(d, q, 16, 0)
+    assert np.array_equal(plain[0], eval_filter.ivf_on_teacher(unit(d), unit(q), 16, 0)[0])
+    assert not np.array_equal(plain[1], got[1])  # the transform changes the probe order
