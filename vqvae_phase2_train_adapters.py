@@ -76,7 +76,7 @@ PRESETS = {
                  checkpoint="runs/demo/kmer_vqvae_phase1b_lora.pt", output="runs/demo/kmer_vqvae_phase2_aligned.pt"),
     # full: InfoNCE alone at lr 1e-4. The previous full Phase 2 (lr 3e-4 with query distillation) lowered every
     # IVF and exact-search cell measurably on a GPU run of the full preset; on the CPU those two choices cost
-    # most. This one, rerun on a GPU, lowered all 18 cells too, 14 measurably (README "GPU"): no Phase 2
+    # most. This one, rerun on a GPU, lowered all 18 cells too, 16 measurably (README "GPU"): no Phase 2
     # objective measured so far raises recall at this scale. It streams its pairs, so no --pair_groups (they
     # cluster a fixed --train_pairs pool)
     "full": dict(data="hub", batch_size=256, lr=1e-4, max_steps=5000, warmup_steps=200, eval_every=500, eval_size=4096,
