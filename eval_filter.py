@@ -183,9 +183,9 @@ def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int, center
     """Spherical k-means IVF (FAISS) on any vectors: (doc list, query probe order, lists). center: first
     subtract the corpus's mean vector from passages and queries (what `kmer_index.py build` does); whiten:
     then `kmer_index.py build --whiten`'s corpus-fitted scaling of the principal axes."""
-    from kmer_index import centred, routing_transform
+    from kmer_index import routed, routing_transform
     mean, transform = routing_transform(d_emb, center, whiten)
-    d_emb, q_emb = centred(d_emb, mean, transform), centred(q_emb, mean, transform)
+    d_emb, q_emb = routed(d_emb, mean, transform), routed(q_emb, mean, transform)
     d = d_emb / np.linalg.norm(d_emb, axis=1, keepdims=True).clip(min=1e-12)
     q = q_emb / np.linalg.norm(q_emb, axis=1, keepdims=True).clip(min=1e-12)
     return ivf_on_teacher(d, q, K, seed)
@@ -363,12 +363,10 @@ def run(args) -> dict:
     # `kmer_index.py --lists corpus` does); then where recall is lost: exact search on the model's own
     # code-space vectors, and teacher queries against its decoded passages (teacher space)
     p_vec, q_vec = p_out["z_code"].numpy(), q_out["z_code"].numpy()
-    for key, center, whiten in ROUTINGS:
-        o_code, o_order, k_o = kmeans_lists(p_vec, q_vec, L, args.seed, center, whiten)
+    own_lists = {key: kmeans_lists(p_vec, q_vec, L, args.seed, center, whiten) for key, center, whiten in ROUTINGS}
+    for key, (o_code, o_order, k_o) in own_lists.items():
         results["kmer_vqvae" + key] = lists_row(o_code, o_order, k_o, rel_docs)
-        if key == "_ivf_centred":
-            c_code, c_order = o_code, o_order
-    report_two_stage = two_stage(c_code, c_order, q_emb, d_emb, rel_docs)
+    report_two_stage = two_stage(*own_lists["_ivf_centred"][:2], q_emb, d_emb, rel_docs)  # as kmer_index builds
     results["diag_exact_own_vectors"] = exact_row(q_vec, p_vec, rel_docs)
     with torch.no_grad():
         p_dec = F.normalize(filt.model.decode(p_out["z_code"]), dim=-1).numpy()

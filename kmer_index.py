@@ -16,7 +16,8 @@ lists, corpus files), `centroids.npy` (K, d) float32, `codes.npy` (N,) int32, `i
 `list_offsets.npy` (K+1,) and `list_members.npy` (N,): the inverted lists (CSR).
 `--lists corpus` (default) fits K lists to the corpus's vectors by spherical k-means, as FAISS IVF
 does, after subtracting the corpus's mean vector (`center.npy`, subtracted from queries too; `--no_center`
-skips it); `--lists model` uses the model's own codebook (no fitting pass; README "Filter quality").
+skips it; `--whiten P` also scales the centred corpus's principal axes, `transform.npy`); `--lists model`
+uses the model's own codebook (no fitting pass; README "Filter quality").
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def probe_lists(order: np.ndarray, offsets: np.ndarray, members: np.ndarray, n_p
     return probe, np.concatenate([members[offsets[k]:offsets[k + 1]] for k in probe])
 
 
-def centred(vectors: np.ndarray, center, transform=None) -> np.ndarray:
+def routed(vectors: np.ndarray, center, transform=None) -> np.ndarray:
     """Vectors as routed: minus the index's corpus mean when it has one, then through its whitening
     matrix when it has one."""
     out = vectors if center is None else vectors - center
@@ -175,7 +176,7 @@ class Index:
         N = len(self.codes)
         limit = budget * N if 0 < budget < 1 else budget
         out = []
-        for order in np.argsort(-(centred(q_vec, self.center, self.transform) @ self.centroids.T), axis=1,
+        for order in np.argsort(-(routed(q_vec, self.center, self.transform) @ self.centroids.T), axis=1,
                                 kind="stable"):
             probe, cand = probe_lists(order, self.offsets, self.members, n_probe, limit)
             out.append({"codes": probe.tolist(), "candidates": cand, "fraction_kept": len(cand) / max(1, N)})
@@ -230,7 +231,7 @@ def build(args) -> Index:
                     v = encode_vectors(filt, [t for _, t, _ in chunk], "passage")
                     dim = v.shape[1]
                     if centroids is not None:
-                        codes.append((centred(v, center, transform) @ centroids.T).argmax(1).astype(np.int32))
+                        codes.append((routed(v, center, transform) @ centroids.T).argmax(1).astype(np.int32))
                     else:
                         sp.write(v.astype(np.float16).tobytes())
                     ids += [i for i, _, _ in chunk]
@@ -247,9 +248,9 @@ def build(args) -> Index:
             # the corpus's mean vector: a one-domain corpus shares a large common direction that would
             # otherwise dominate the cosine between its passages (README "Filter quality")
             center, transform = routing_transform(sample, not args.no_center, args.whiten)
-            centroids = spherical_kmeans(torch.from_numpy(centred(sample, center, transform)), K,
+            centroids = spherical_kmeans(torch.from_numpy(routed(sample, center, transform)), K,
                                          seed=args.seed)[0].numpy()
-            codes = [(centred(np.asarray(V[i:i + 65536], dtype=np.float32), center, transform) @ centroids.T)
+            codes = [(routed(np.asarray(V[i:i + 65536], dtype=np.float32), center, transform) @ centroids.T)
                      .argmax(1).astype(np.int32) for i in range(0, len(ids), 65536)]
             del V
     finally:

@@ -92,11 +92,11 @@ def test_whitening_scales_each_principal_axis_and_the_index_routes_through_it(ck
     sd = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.25])
     x = (rng.normal(size=(4000, 6)) * sd) @ axes.T + 3.0  # known variances sd**2 along known axes, off-centre
     mean, w = kmer_index.routing_transform(x, whiten=0.5)
-    y = kmer_index.centred(x, mean, w)
+    y = kmer_index.routed(x, mean, w)
     assert np.allclose(y.mean(0), 0, atol=1e-6)
     var = np.linalg.eigvalsh(np.cov(y.T))  # half-whitening: each variance becomes its square root
     assert np.allclose(np.sort(var), np.sort(np.linalg.eigvalsh(np.cov(x.T)) ** 0.5), rtol=1e-3)
-    full = kmer_index.centred(x, *kmer_index.routing_transform(x, whiten=1.0))
+    full = kmer_index.routed(x, *kmer_index.routing_transform(x, whiten=1.0))
     assert np.allclose(np.cov(full.T), np.eye(6), atol=1e-3)  # whitening: identity covariance
     assert kmer_index.routing_transform(x, center=True)[1] is None  # no whitening asked: the mean alone
     a = _corpus(tmp_path / "a.jsonl", TEXTS)
