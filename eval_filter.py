@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kmer_index import DEFAULT_WHITEN
 from train_common import REPO, UserError
 
 FRACTIONS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -174,15 +175,16 @@ def two_stage(code_of_doc, probe_order, q_emb, d_emb, rel_docs, fractions=(0.01,
     return out
 
 
-# corpus IVF variants, each for the model's vectors and the peer's: (row suffix, centre, whitening power)
-ROUTINGS = (("_ivf", False, 0.0), ("_ivf_centred", True, 0.0), ("_ivf_whitened", True, 0.5))
+# corpus IVF variants, each for the model's vectors and the peer's: (row suffix, centre, whitening power);
+# _ivf_whitened is what `kmer_index.py build` does by default
+ROUTINGS = (("_ivf", False, 0.0), ("_ivf_centred", True, 0.0), ("_ivf_whitened", True, DEFAULT_WHITEN))
 
 
 def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int, center: bool = False,
                  whiten: float = 0.0):
     """Spherical k-means IVF (FAISS) on any vectors: (doc list, query probe order, lists). center: first
-    subtract the corpus's mean vector from passages and queries (what `kmer_index.py build` does); whiten:
-    then `kmer_index.py build --whiten`'s corpus-fitted scaling of the principal axes."""
+    subtract the corpus's mean vector from passages and queries; whiten: then `kmer_index.py build --whiten`'s
+    corpus-fitted scaling of the principal axes (centred and half-whitened is what a build does by default)."""
     from kmer_index import routed, routing_transform
     mean, transform = routing_transform(d_emb, center, whiten)
     d_emb, q_emb = routed(d_emb, mean, transform), routed(q_emb, mean, transform)
@@ -366,7 +368,7 @@ def run(args) -> dict:
     own_lists = {key: kmeans_lists(p_vec, q_vec, L, args.seed, center, whiten) for key, center, whiten in ROUTINGS}
     for key, (o_code, o_order, k_o) in own_lists.items():
         results["kmer_vqvae" + key] = lists_row(o_code, o_order, k_o, rel_docs)
-    report_two_stage = two_stage(*own_lists["_ivf_centred"][:2], q_emb, d_emb, rel_docs)  # as kmer_index builds
+    report_two_stage = two_stage(*own_lists["_ivf_whitened"][:2], q_emb, d_emb, rel_docs)  # as kmer_index builds
     results["diag_exact_own_vectors"] = exact_row(q_vec, p_vec, rel_docs)
     with torch.no_grad():
         p_dec = F.normalize(filt.model.decode(p_out["z_code"]), dim=-1).numpy()

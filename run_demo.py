@@ -73,8 +73,10 @@ def main(argv=None) -> dict:
 FILTER_ROWS = (("kmer_vqvae", "k-mer VQ-VAE, the model's own codes"),
                ("kmer_vqvae_ivf", "k-mer VQ-VAE vectors + IVF fitted to the corpus"),
                ("model2vec_ivf", "Model2Vec (same teacher) + IVF"),
-               ("kmer_vqvae_ivf_centred", "k-mer VQ-VAE vectors + IVF, corpus mean subtracted (kmer_index.py)"),
+               ("kmer_vqvae_ivf_centred", "k-mer VQ-VAE vectors + IVF, corpus mean subtracted"),
                ("model2vec_ivf_centred", "Model2Vec + IVF, corpus mean subtracted"),
+               ("kmer_vqvae_ivf_whitened", "k-mer VQ-VAE vectors + IVF, centred and half-whitened (kmer_index.py)"),
+               ("model2vec_ivf_whitened", "Model2Vec + IVF, centred and half-whitened"),
                ("ivf_teacher", "IVF on the teacher"),
                ("exact_teacher", "exact teacher top-k"), ("random", "random codes"))
 

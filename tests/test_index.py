@@ -68,11 +68,12 @@ def test_corpus_lists_and_rerank_text_lookup(ckpt, tmp_path):
                              "--num_lists", "4"])
     assert len(index.centroids) == 4 and index.meta["lists"] == "corpus"
     assert kmer_index.passage_texts(index, np.array([5, 0])) == [TEXTS[5], TEXTS[0]]
-    # lists fitted on a sample; every passage (spooled to disk, float16) goes to its nearest list
+    # lists fitted on a sample; every passage (spooled to disk, float16) goes to its nearest list (centred only)
     small = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "j"),
-                             "--num_lists", "4", "--fit_sample", "10", "--batch_size", "7"])
+                             "--num_lists", "4", "--fit_sample", "10", "--batch_size", "7", "--whiten", "0"])
     v = kmer_index.encode_vectors(load_pretrained(str(ckpt)), TEXTS, "passage").astype(np.float16).astype(np.float32)
     assert np.allclose(index.center, v.mean(0), atol=1e-5)  # every passage in the fit: the corpus mean
+    assert small.transform is None and small.meta["whiten"] == 0
     assert np.array_equal(small.codes, ((v - small.center) @ small.centroids.T).argmax(1))
     assert not [f for f in os.listdir(tmp_path / "j") if f.startswith(".tmp_")]
     loaded = kmer_index.Index.load(str(tmp_path / "j"))
@@ -101,9 +102,17 @@ def test_whitening_scales_each_principal_axis_and_the_index_routes_through_it(ck
     assert kmer_index.routing_transform(x, center=True)[1] is None  # no whitening asked: the mean alone
     a = _corpus(tmp_path / "a.jsonl", TEXTS)
     index = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "i"),
-                             "--num_lists", "4", "--whiten", "0.5"])
+                             "--num_lists", "4"])  # corpus lists: half-whitened unless told otherwise
     loaded = kmer_index.Index.load(str(tmp_path / "i"))
-    assert loaded.meta["whiten"] == 0.5 and np.array_equal(loaded.transform, index.transform)
+    assert kmer_index.DEFAULT_WHITEN == 0.5 and loaded.meta["whiten"] == 0.5
+    assert np.array_equal(loaded.transform, index.transform)
+    asked = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "w"),
+                             "--num_lists", "4", "--whiten", "0.5"])
+    assert np.array_equal(asked.transform, index.transform) and np.array_equal(asked.codes, index.codes)
+    for flags in (["--no_center"], ["--lists", "model"]):  # raw vectors, or the model's codes: no transform
+        other = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "o"),
+                                 "--num_lists", "4", "--overwrite", *flags])
+        assert other.transform is None and other.meta["whiten"] == 0
     v = kmer_index.encode_vectors(load_pretrained(str(ckpt)), TEXTS, "passage").astype(np.float16).astype(np.float32)
     routed = (v - loaded.center) @ loaded.transform
     assert np.array_equal(loaded.codes, (routed @ loaded.centroids.T).argmax(1))
