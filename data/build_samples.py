@@ -143,12 +143,35 @@ def retrieval(src: str):
                 continue
             docs[r["paper_id"]] = {"_id": r["paper_id"], "title": r.get("title", ""), "text": " ".join(r["source"])}
             queries[r["paper_id"]] = {"_id": r["paper_id"] + "_q", "text": r["target"][0]}
-    out = os.path.join(HERE, "retrieval/scitldr")
-    write_jsonl(os.path.join(out, "corpus.jsonl.gz"), docs.values())
-    write_jsonl(os.path.join(out, "queries.jsonl.gz"), queries.values())
+    write_beir(os.path.join(HERE, "retrieval/scitldr"), docs.values(), queries.values(),
+               [(q["_id"], d) for d, q in queries.items()])
+    # MedQuAD pairs outside the Phase 2 sample (pairs/medquad.jsonl.gz): no question or answer text of that
+    # sample, answers of 100-2000 characters; 2,000 distinct answers (lowest hash) as passages, each of their
+    # questions a query judged against that answer alone
+    med = [json.loads(l) for l in gzip.open(os.path.join(src, "pairs/medquad/medquad_qa_pairs.jsonl.gz"), "rt")]
+    used = {r[k].strip() for r in med if held_out(r["qid"], 30) for k in ("question", "answer")}
+    by_answer: dict[str, list] = {}
+    for r in med:
+        a, q = r["answer"].strip(), r["question"].strip()
+        if not held_out(r["qid"], 30) and 100 <= len(a) <= 2000 and a not in used and q not in used:
+            by_answer.setdefault(a, []).append(q)
+    key = lambda a: hashlib.blake2b(a.encode(), digest_size=8).hexdigest()
+    answers = sorted(sorted(by_answer, key=key)[:2000], key=key)
+    docs = [{"_id": f"m{key(a)}", "text": a} for a in answers]
+    queries, qrels = [], []
+    for d, a in zip(docs, answers):
+        for j, q in enumerate(sorted(set(by_answer[a]))):
+            queries.append({"_id": f"{d['_id']}_q{j}", "text": q})
+            qrels.append((queries[-1]["_id"], d["_id"]))
+    write_beir(os.path.join(HERE, "retrieval/medquad"), docs, queries, qrels)
+
+
+def write_beir(out: str, docs, queries, qrels):
+    write_jsonl(os.path.join(out, "corpus.jsonl.gz"), docs)
+    write_jsonl(os.path.join(out, "queries.jsonl.gz"), queries)
     os.makedirs(os.path.join(out, "qrels"), exist_ok=True)
     with open(os.path.join(out, "qrels/test.tsv"), "w", encoding="utf-8") as g:
-        g.write("query-id\tcorpus-id\tscore\n" + "".join(f"{q['_id']}\t{d}\t1\n" for d, q in queries.items()))
+        g.write("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in qrels))
 
 
 def main():

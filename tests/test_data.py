@@ -214,12 +214,21 @@ def test_pair_batcher_resume_keeps_the_deferred_pairs():
 
 def test_bundled_retrieval_sets_load_with_their_judgements():
     import eval_filter
-    for name, n_docs, n_queries in (("cisi", 1460, 76), ("scitldr", 3229, 3229)):
-        doc_ids, docs, qids, queries, qrels = eval_filter.load_beir(os.path.join(REPO, "data", "retrieval", name))
+    sets = {}
+    for name, n_docs, n_queries in (("cisi", 1460, 76), ("scitldr", 3229, 3229), ("medquad", 2000, 2000)):
+        doc_ids, docs, qids, queries, qrels = sets[name] = eval_filter.load_beir(os.path.join(REPO, "data", "retrieval", name))
         assert len(docs) == len(set(doc_ids)) == n_docs and len(queries) == len(qids) == n_queries
         assert all(qrels[q] and qrels[q] <= set(doc_ids) for q in qids)
     # SciTLDR: each query (a paper's TLDR) is judged against exactly its own paper
+    doc_ids, docs, qids, queries, qrels = sets["scitldr"]
     assert all(qrels[q] == {q[:-2]} for q in qids)
+    # MedQuAD: each question judged against its own answer alone, and none of the Phase 2 pairs' text in it
+    doc_ids, docs, qids, queries, qrels = sets["medquad"]
+    assert all(qrels[q] == {q.rsplit("_q", 1)[0]} for q in qids)
+    with gzip.open(os.path.join(REPO, "data", "pairs", "medquad.jsonl.gz"), "rt") as f:
+        trained = [json.loads(line) for line in f]
+    seen = {r["question"].strip() for r in trained} | {r["answer"].strip() for r in trained}
+    assert not seen & (set(docs) | set(queries))
 
 
 def test_lexicon_domain_words_read_phase1b_text_or_say_what_is_missing(tmp_path):
