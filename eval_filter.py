@@ -365,12 +365,12 @@ def run(args) -> dict:
     # the model's vectors with lists fitted to this corpus, exactly as the peers' IVF is built (what
     # `kmer_index.py --lists corpus` does); then where recall is lost: exact search on the model's own
     # code-space vectors, and teacher queries against its decoded passages (teacher space)
-    p_vec, q_vec = p_out["z_code"].numpy(), q_out["z_code"].numpy()
-    own_lists = {key: kmeans_lists(p_vec, q_vec, L, args.seed, center, whiten) for key, center, whiten in ROUTINGS}
+    p_raw, q_raw = p_out["z_code_raw"].numpy(), q_out["z_code_raw"].numpy()  # what kmer_index routes on
+    own_lists = {key: kmeans_lists(p_raw, q_raw, L, args.seed, center, whiten) for key, center, whiten in ROUTINGS}
     for key, (o_code, o_order, k_o) in own_lists.items():
         results["kmer_vqvae" + key] = lists_row(o_code, o_order, k_o, rel_docs)
     report_two_stage = two_stage(*own_lists["_ivf_whitened"][:2], q_emb, d_emb, rel_docs)  # as kmer_index builds
-    results["diag_exact_own_vectors"] = exact_row(q_vec, p_vec, rel_docs)
+    results["diag_exact_own_vectors"] = exact_row(q_out["z_code"].numpy(), p_out["z_code"].numpy(), rel_docs)
     with torch.no_grad():
         p_dec = F.normalize(filt.model.decode(p_out["z_code"]), dim=-1).numpy()
     results["diag_teacher_q_x_own_p"] = exact_row(q_emb, p_dec, rel_docs)

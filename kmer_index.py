@@ -201,7 +201,9 @@ def _sha(path: str) -> str:
 
 
 def encode_vectors(filt, texts: list[str], role: str) -> np.ndarray:
-    return filt.encode(texts, role=role)["z_code"].numpy().astype(np.float32)
+    """The vectors an index routes on: code space before normalisation (`z_code_raw`). Spherical lists see
+    the same directions as `z_code`; the corpus centring and whitening see the encoder's own geometry."""
+    return filt.encode(texts, role=role)["z_code_raw"].numpy().astype(np.float32)
 
 
 def build(args) -> Index:

@@ -499,11 +499,14 @@ class VectorQuantizer(nn.Module):
         if mode == "frozen":
             self.live_probs.copy_(self.avg_probs)
 
+    def offset(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder space -> code space before normalisation: in_proj(z), minus the running mean when centring."""
+        z = self.in_proj(z.float())
+        return z - self.z_mean if self.center else z
+
     def project(self, z: torch.Tensor) -> torch.Tensor:
         """Encoder space -> code space (normalised for cosine distance)."""
-        z = self.in_proj(z.float())
-        if self.center:
-            z = z - self.z_mean
+        z = self.offset(z)
         return F.normalize(z, dim=-1) if self.cosine else z
 
     def _codes(self):
@@ -529,12 +532,13 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             if track or (update and not bool(self.initialized)):
                 self._track_mean(z)  # before the k-means init the training batches set the mean
-            zc = self.project(z)  # (B, cd)
+            zr = self.offset(z)  # (B, cd)
+            zc = F.normalize(zr, dim=-1) if self.cosine else zr  # = self.project(z)
             sim = self.similarity(zc)  # (B, K)
             top = sim.topk(min(top_n, self.K), dim=1).indices
             idx = top[:, 0]
             zq = self.decode_indices(idx)
-            out = {"z_code": zc, "indices": idx, "top_indices": top, "code_scores": sim}
+            out = {"z_code": zc, "z_code_raw": zr, "indices": idx, "top_indices": top, "code_scores": sim}
             commit = F.mse_loss(zc, zq.detach())
             if self.mode == "grad":
                 commit = commit + F.mse_loss(zq, zc.detach())  # codebook loss (VQ-VAE eq. 3)
@@ -703,7 +707,10 @@ class KmerVQVAE(nn.Module):
 
     def encode(self, input_ids, attention_mask, text_index=None, num_texts=None, adapter=None,
                role: str | None = None, top_n: int = 1) -> dict:
-        """Dict with z_e (B, D), z_code (B, cd), z_q (B, cd), indices (B,), top_indices (B, n).
+        """Dict with z_e (B, D), z_code (B, cd), z_code_raw (B, cd), z_q (B, cd), indices (B,), top_indices (B, n).
+
+        z_code is z_code_raw normalised (cosine codebooks): the codes compare it; an index fitted to a corpus
+        routes on z_code_raw, so its own centring and whitening see the encoder's geometry (README "Filter quality").
 
         `adapter` is a Phase 2 `QueryPassageAdapters`; `role` is "query" or "passage".
         """
@@ -901,7 +908,7 @@ class KmerFilter:
 
     @torch.no_grad()
     def encode(self, texts: list[str], role: str | None = None, top_n: int = 1, batch_size: int = 256) -> dict:
-        """Texts -> dict of z_e, z_code, indices, top_indices (CPU tensors); role picks the adapter."""
+        """Texts -> dict of z_e, z_code, z_code_raw, indices, top_indices (CPU tensors); role picks the adapter."""
         device = next(self.model.parameters()).device
         adapter = self.adapters if (self.adapters is not None and role is not None) else None
         parts = []
@@ -911,7 +918,7 @@ class KmerFilter:
                                     b["text_index"].to(device), b["num_texts"], adapter=adapter,
                                     role=role, top_n=top_n)
             parts.append({k: out[k].float().cpu() if out[k].is_floating_point() else out[k].cpu()
-                          for k in ("z_e", "z_code", "indices", "top_indices")})
+                          for k in ("z_e", "z_code", "z_code_raw", "indices", "top_indices")})
         if not parts:
             return {}
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

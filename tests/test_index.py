@@ -71,7 +71,12 @@ def test_corpus_lists_and_rerank_text_lookup(ckpt, tmp_path):
     # lists fitted on a sample; every passage (spooled to disk, float16) goes to its nearest list (centred only)
     small = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "j"),
                              "--num_lists", "4", "--fit_sample", "10", "--batch_size", "7", "--whiten", "0"])
-    v = kmer_index.encode_vectors(load_pretrained(str(ckpt)), TEXTS, "passage").astype(np.float16).astype(np.float32)
+    filt = load_pretrained(str(ckpt))
+    v = kmer_index.encode_vectors(filt, TEXTS, "passage")
+    out = filt.encode(TEXTS, role="passage")  # routes on code space before normalisation, not on unit z_code
+    assert np.allclose(v, out["z_code_raw"].numpy()) and not np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-3)
+    assert np.allclose(v / np.linalg.norm(v, axis=1, keepdims=True), out["z_code"].numpy(), atol=1e-5)
+    v = v.astype(np.float16).astype(np.float32)  # as spooled
     assert np.allclose(index.center, v.mean(0), atol=1e-5)  # every passage in the fit: the corpus mean
     assert small.transform is None and small.meta["whiten"] == 0
     assert np.array_equal(small.codes, ((v - small.center) @ small.centroids.T).argmax(1))

@@ -49,9 +49,14 @@ def test_multi_window_pooling_is_length_weighted(tiny_model):
 @pytest.mark.parametrize("distance", ["cosine", "euclidean"])
 def test_decoding_indices_gives_z_q(tiny_config, distance):
     model = KmerVQVAE(**{**tiny_config, "distance": distance}).eval()
+    model.quantizer.z_mean.normal_()  # a running mean that is not zero
     b = model.tokenizer()(TEXTS)
     out = model.encode(b["input_ids"], b["attention_mask"], b["text_index"], b["num_texts"])
     assert torch.allclose(model.quantizer.decode_indices(out["indices"]), out["z_q"], atol=1e-6)
+    # z_code_raw: code space before normalisation (what an index routes on); z_code normalises it (cosine)
+    assert torch.allclose(out["z_code_raw"], model.quantizer.in_proj(out["z_e"]) - model.quantizer.z_mean, atol=1e-6)
+    want = F.normalize(out["z_code_raw"], dim=-1) if distance == "cosine" else out["z_code_raw"]
+    assert torch.allclose(out["z_code"], want, atol=1e-6)
     # and the index is the nearest code
     sim = model.quantizer.similarity(out["z_code"])
     assert torch.equal(sim.argmax(1), out["indices"])
