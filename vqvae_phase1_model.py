@@ -732,13 +732,15 @@ class KmerVQVAE(nn.Module):
     def forward(self, input_ids, attention_mask, teacher=None, text_index=None, num_texts=None,
                 continuous_weight: float = 1.0, relational_weight: float = 0.0, quantize: bool = True,
                 target_center: torch.Tensor | None = None, contrastive_weight: float = 0.0,
-                contrastive_temperature: float = 0.05):
+                contrastive_temperature: float = 0.05, contrastive_bank: torch.Tensor | None = None):
         """Training forward: losses against teacher embeddings (B, teacher_dim).
 
         target_center (teacher_dim,): the cosine losses compare decoded - center with teacher - center,
         so they reward what tells texts apart rather than the direction all of them share (the decoder
         still outputs the teacher's own space). contrastive_weight: in-batch InfoNCE that each decoded
-        vector picks its own teacher target among the batch's (continuous path)."""
+        vector picks its own teacher target among the batch's (continuous path), and among
+        contrastive_bank's (earlier batches' targets, already minus the centre) when given; out["targets_c"]
+        holds this batch's (targets minus the centre) for such a bank."""
         z_e = self.encode_windows(input_ids, attention_mask, text_index, num_texts)
         q = self.quantizer(z_e, update=self.training)  # the training path: codebook statistics may move
         dec_e = self.decode(q["z_code"])
@@ -751,9 +753,9 @@ class KmerVQVAE(nn.Module):
         cos_e = F.cosine_similarity(dec_e.float(), t, dim=-1)
         d_e, t_c = shift(dec_e.float()), shift(t)
         loss_e = (1 - F.cosine_similarity(d_e, t_c, dim=-1)).mean()
-        out.update(cos_e=cos_e.mean().detach(), loss_cont=loss_e.detach())
+        out.update(cos_e=cos_e.mean().detach(), loss_cont=loss_e.detach(), targets_c=t_c.detach())
         if contrastive_weight > 0:
-            nce = info_nce(d_e, t_c, contrastive_temperature)
+            nce = info_nce(d_e, t_c, contrastive_temperature, contrastive_bank)
             loss_e = loss_e + contrastive_weight * nce
             out["nce"] = nce.detach()
         if not quantize or not bool(self.quantizer.initialized):
@@ -774,13 +776,18 @@ class KmerVQVAE(nn.Module):
         return out
 
 
-def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float,
+             bank: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE between student vectors and their teacher targets (row i matches row i):
     per-example cosine alone lets a student sit near the common direction; this rewards ranking
-    each text's own target above the other texts' (what a filter's routing needs)."""
-    logits = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T / temperature  # (B, B)
+    each text's own target above the other texts' (what a filter's routing needs). bank (M, D): more
+    targets (of earlier batches) that each student vector must also rank its own above."""
+    p, t = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
+    logits = p @ t.T / temperature  # (B, B)
     labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    to_targets = logits if bank is None or not len(bank) else \
+        torch.cat([logits, p @ F.normalize(bank.to(p.dtype), dim=-1).T / temperature], dim=1)
+    return 0.5 * (F.cross_entropy(to_targets, labels) + F.cross_entropy(logits.T, labels))
 
 
 def relational_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,9 @@ class Phase1Config(CommonConfig):
     center_targets: bool = opt(True, "cosine losses compare decoded and target minus the targets' mean direction")
     contrastive_weight: float = opt(1.0, "weight of the in-batch InfoNCE between decoded vectors and targets", min=0)
     contrastive_temperature: float = opt(0.05, "InfoNCE temperature", gt=0)
+    contrastive_bank: int = opt(0, "targets of earlier batches (of the same stage) that each decoded vector must also "
+                                "rank its own target above in the InfoNCE: harder negatives than a batch holds "
+                                "(0 = the batch alone; not kept in checkpoints: a resumed run refills it)", min=0)
     sparse_embeddings: bool = opt(False, "the k-mer tables get sparse gradients and a lazy AdamW that updates only the "
                                   "rows a step looked up: a step's cost no longer grows with --kmer_buckets (CPU; "
                                   "README \"Sparse table updates\")")
@@ -192,6 +195,24 @@ def evaluate_distillation(model, tok, windows, targets, device, health_windows=(
     m.update(codebook_health(indices, model.config.num_codes))
     m["_code_usage"] = torch.bincount(indices, minlength=model.config.num_codes).tolist()
     return m
+
+
+class TargetBank:
+    """The last `size` training targets (minus their centre) of the current stage, as extra InfoNCE negatives
+    (--contrastive_bank). A new stage (words -> windows) empties it: their centres and kinds differ."""
+
+    def __init__(self, size: int):
+        self.size, self.stage, self.rows = size, None, None
+
+    def get(self, stage):
+        if stage != self.stage:
+            self.stage, self.rows = stage, None
+        return self.rows
+
+    def add(self, targets: torch.Tensor):
+        if self.size:
+            rows = targets if self.rows is None else torch.cat([targets, self.rows])
+            self.rows = rows[:self.size]  # newest first
 
 
 class CodebookUpkeep:
@@ -359,6 +380,14 @@ def main(cfg: Phase1Config) -> dict:
     # 4. the step
     loss_args = dict(continuous_weight=cfg.continuous_weight, relational_weight=cfg.relational_weight,
                      contrastive_weight=cfg.contrastive_weight, contrastive_temperature=cfg.contrastive_temperature)
+    bank = TargetBank(cfg.contrastive_bank)
+
+    def forward(step, ids, mask, targets, center):
+        """The training forward, with the earlier targets of this stage (words, or windows) as more negatives."""
+        out = train_model(ids, mask, teacher=targets, target_center=center,
+                          contrastive_bank=bank.get(step < cfg.lexicon_steps), **loss_args)
+        bank.add(out["targets_c"])
+        return out
 
     def word_step(step):
         """The word stage: a batch of vocabulary words, each its own window, against its teacher vector."""
@@ -368,8 +397,7 @@ def main(cfg: Phase1Config) -> dict:
         ids = order[start:start + cfg.lexicon_batch_size]
         b = tok.encode_windows([lex.vocab[i] for i in ids])
         mask = b["attention_mask"].to(device)
-        out = train_model(b["input_ids"].to(device), mask, teacher=lex.embeddings[ids].to(device),
-                          target_center=word_center, **loss_args)
+        out = forward(step, b["input_ids"].to(device), mask, lex.embeddings[ids].to(device), word_center)
         return out["loss"], {"cos_e": float(out["cos_e"])}, int(mask.sum()) * world
 
     def train_step(step):
@@ -392,7 +420,7 @@ def main(cfg: Phase1Config) -> dict:
                 center = torch.cat([center, static_center.expand(len(extra), -1)])
         b = tok.encode_windows(windows)
         mask = b["attention_mask"].to(device)
-        out = train_model(b["input_ids"].to(device), mask, teacher=targets, target_center=center, **loss_args)
+        out = forward(step, b["input_ids"].to(device), mask, targets, center)
         loss = out["loss"]
         logs = {"cos_e": float(out["cos_e"])}
         if "cos_q" in out:

@@ -18,6 +18,25 @@ def test_info_nce_is_symmetric_cross_entropy_over_the_batch():
     by_col = -sum(math.log(sim[:, i].softmax(0)[i]) for i in range(6)) / 6  # each target picks its prediction
     assert float(info_nce(p, t, 0.1)) == pytest.approx(0.5 * (by_row + by_col), rel=1e-5)
     assert float(info_nce(t, t, 0.1)) < float(info_nce(p, t, 0.1))  # matching rows score better
+    # a bank of earlier targets: more candidates for each prediction's row; the column term stays in-batch
+    bank = torch.randn(5, 8)
+    full = torch.cat([sim, F.normalize(p, dim=-1) @ F.normalize(bank, dim=-1).T / 0.1], dim=1)
+    by_row_bank = -sum(math.log(full[i].softmax(0)[i]) for i in range(6)) / 6
+    assert float(info_nce(p, t, 0.1, bank)) == pytest.approx(0.5 * (by_row_bank + by_col), rel=1e-5)
+    assert float(info_nce(p, t, 0.1, bank[:0])) == pytest.approx(float(info_nce(p, t, 0.1)), rel=1e-6)
+
+
+def test_target_bank_keeps_the_newest_targets_of_one_stage():
+    from vqvae_phase1_train import TargetBank
+    bank = TargetBank(5)
+    assert bank.get(True) is None
+    bank.add(torch.full((3, 2), 1.0))
+    bank.add(torch.full((3, 2), 2.0))
+    assert bank.get(True).tolist() == [[2.0, 2.0]] * 3 + [[1.0, 1.0]] * 2  # newest first, at most 5
+    assert bank.get(False) is None  # words -> windows: another centre, another kind of target
+    off = TargetBank(0)
+    off.add(torch.ones(3, 2))
+    assert off.get(True) is None
 
 
 def test_centred_cosine_loss_compares_offsets_from_the_centre(tiny_model):
