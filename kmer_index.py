@@ -200,10 +200,16 @@ def _sha(path: str) -> str:
     return file_sha256(path)
 
 
-def encode_vectors(filt, texts: list[str], role: str) -> np.ndarray:
+def encode_vectors(filt, texts: list[str], role: str, space: str = "z_code_raw") -> np.ndarray:
     """The vectors an index routes on: code space before normalisation (`z_code_raw`). Spherical lists see
-    the same directions as `z_code`; the corpus centring and whitening see the encoder's own geometry."""
-    return filt.encode(texts, role=role)["z_code_raw"].numpy().astype(np.float32)
+    the same directions as `z_code`; the corpus centring and whitening see the encoder's own geometry.
+    Indexes built before it (no "vectors" in index.json) routed on `z_code` and keep doing so."""
+    return filt.encode(texts, role=role)[space].numpy().astype(np.float32)
+
+
+def vector_space(meta: dict | None) -> str:
+    """The vectors an index was built on: `z_code_raw`, or `z_code` for indexes that predate it."""
+    return "z_code_raw" if meta is None else meta.get("vectors", "z_code")
 
 
 def build(args) -> Index:
@@ -228,6 +234,7 @@ def build(args) -> Index:
     centroids = old.centroids if old is not None else None
     center, transform = (old.center, old.transform) if old is not None else (None, None)
     whiten = float(old.meta.get("whiten", 0.0)) if old is not None else 0.0  # a corpus fit below sets its own
+    space = vector_space(old.meta if old is not None else None)  # an appended corpus routes as the index does
     if centroids is None and args.lists == "model":
         centroids = filt.model.quantizer._codes().detach().numpy().astype(np.float32)
     os.makedirs(args.index, exist_ok=True)
@@ -243,7 +250,7 @@ def build(args) -> Index:
                         chunk = [r for r in chunk if not (hash_text(r[1]) in seen or seen.add(hash_text(r[1])))]
                         if not chunk:
                             continue
-                    v = encode_vectors(filt, [t for _, t, _ in chunk], "passage")
+                    v = encode_vectors(filt, [t for _, t, _ in chunk], "passage", space)
                     dim = v.shape[1]
                     if centroids is not None:
                         codes.append((routed(v, center, transform) @ centroids.T).argmax(1).astype(np.int32))
@@ -276,7 +283,7 @@ def build(args) -> Index:
     meta = {"format": INDEX_FORMAT, "checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": sha,
             "lists": old.meta["lists"] if old else args.lists, "num_lists": int(len(centroids)),
             "corpus_files": files, "role": "passage" if filt.adapters is not None else None,
-            "centred": center is not None, "whiten": whiten,
+            "centred": center is not None, "whiten": whiten, "vectors": space,
             **fields}
     if args.unique_text:
         meta["text_hashes"] = sorted(seen)
@@ -323,7 +330,7 @@ def query(args) -> list[dict]:
         raise UserError("give --query TEXT (repeatable) or --queries FILE (one query per line)")
     if not args.n_probe and not args.budget:
         args.n_probe = 4
-    hits = index.search(encode_vectors(filt, queries, "query"), args.n_probe, args.budget)
+    hits = index.search(encode_vectors(filt, queries, "query", vector_space(index.meta)), args.n_probe, args.budget)
     reranker = None
     if args.rerank:
         from teacher import Teacher

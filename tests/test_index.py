@@ -87,6 +87,18 @@ def test_corpus_lists_and_rerank_text_lookup(ckpt, tmp_path):
     want = np.argsort(-((v - loaded.center) @ loaded.centroids.T), axis=1, kind="stable")
     assert [h["codes"] for h in loaded.search(v, n_probe=4)] == want.tolist()
     assert [h["codes"][0] for h in loaded.search(v, n_probe=1)] == small.codes.tolist()  # its own list first
+    # the command line encodes queries in the index's space: z_code_raw, or z_code for an index built before it
+    ask = lambda: [r["codes"] for r in kmer_index.main(["query", "--index", str(tmp_path / "j"), "--n_probe", "4",
+                                                        *[x for t in TEXTS for x in ("--query", t)]])]
+    order = lambda q: np.argsort(-((q - loaded.center) @ loaded.centroids.T), axis=1, kind="stable").tolist()
+    q = filt.encode(TEXTS, role="query")
+    new, old = order(q["z_code_raw"].numpy()), order(q["z_code"].numpy())
+    assert new != old  # the two spaces route these queries differently, so the check below can fail
+    assert loaded.meta["vectors"] == "z_code_raw" and ask() == new
+    meta = json.load(open(tmp_path / "j" / "index.json"))
+    del meta["vectors"]
+    json.dump(meta, open(tmp_path / "j" / "index.json", "w"))
+    assert ask() == old
     plain = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "k"),
                              "--num_lists", "4", "--no_center"])
     assert plain.center is None and np.array_equal(plain.codes, (v @ plain.centroids.T).argmax(1))
