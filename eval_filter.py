@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kmer_index import DEFAULT_WHITEN
+from kmer_index import DEFAULT_WHITEN, inverted_lists, probe_lists, routed, routing_transform
 from train_common import REPO, UserError
 
 FRACTIONS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -158,7 +158,6 @@ def two_stage(code_of_doc, probe_order, q_emb, d_emb, rel_docs, fractions=(0.01,
     """Filter, then re-rank the kept passages with the teacher: recall@k and how many passages the
     re-ranker embeds per query, against the re-ranker alone over the whole corpus. The passages kept
     are those `kmer_index.py query --budget` keeps (the same probing)."""
-    from kmer_index import inverted_lists, probe_lists
     N = len(code_of_doc)
     offsets, members = inverted_lists(code_of_doc, probe_order.shape[1])
     out = {}
@@ -186,7 +185,6 @@ def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int, center
     """Spherical k-means IVF (FAISS) on any vectors: (doc list, query probe order, lists). center: first
     subtract the corpus's mean vector from passages and queries; whiten: then `kmer_index.py build --whiten`'s
     corpus-fitted scaling of the principal axes (centred and half-whitened is what a build does by default)."""
-    from kmer_index import routed, routing_transform
     mean, transform = routing_transform(d_emb, center, whiten)
     d_emb, q_emb = routed(d_emb, mean, transform), routed(q_emb, mean, transform)
     d = d_emb / np.linalg.norm(d_emb, axis=1, keepdims=True).clip(min=1e-12)

@@ -504,10 +504,13 @@ class VectorQuantizer(nn.Module):
         z = self.in_proj(z.float())
         return z - self.z_mean if self.center else z
 
+    def unit(self, zr: torch.Tensor) -> torch.Tensor:
+        """Code space before normalisation -> the codes' space (normalised for cosine distance)."""
+        return F.normalize(zr, dim=-1) if self.cosine else zr
+
     def project(self, z: torch.Tensor) -> torch.Tensor:
         """Encoder space -> code space (normalised for cosine distance)."""
-        z = self.offset(z)
-        return F.normalize(z, dim=-1) if self.cosine else z
+        return self.unit(self.offset(z))
 
     def _codes(self):
         return F.normalize(self.codebook, dim=-1) if self.cosine else self.codebook
@@ -533,7 +536,7 @@ class VectorQuantizer(nn.Module):
             if track or (update and not bool(self.initialized)):
                 self._track_mean(z)  # before the k-means init the training batches set the mean
             zr = self.offset(z)  # (B, cd)
-            zc = F.normalize(zr, dim=-1) if self.cosine else zr  # = self.project(z)
+            zc = self.unit(zr)  # = self.project(z)
             sim = self.similarity(zc)  # (B, K)
             top = sim.topk(min(top_n, self.K), dim=1).indices
             idx = top[:, 0]

@@ -156,7 +156,7 @@ def retrieval(src: str):
         if not held_out(r["qid"], 30) and 100 <= len(a) <= 2000 and a not in used and q not in used:
             by_answer.setdefault(a, []).append(q)
     key = lambda a: hashlib.blake2b(a.encode(), digest_size=8).hexdigest()
-    answers = sorted(sorted(by_answer, key=key)[:2000], key=key)
+    answers = sorted(by_answer, key=key)[:2000]
     docs = [{"_id": f"m{key(a)}", "text": a} for a in answers]
     queries, qrels = [], []
     for d, a in zip(docs, answers):
