@@ -380,13 +380,16 @@ def adamw(params, sparse_tables=(), **kw):
     On a 2-core CPU the optimizer step over a 131,072-row k-mer table took 22 ms instead of 88 (README).
 
     `sparse_tables` (nn.Embedding modules among the parameters) are switched to sparse gradients and
-    left to a SparseRowAdamW with the same lr and weight decay (Phase 1a's --sparse_embeddings)."""
+    left to a SparseRowAdamW with the same lr and weight decay (Phase 1a's --sparse_embeddings); its one group
+    keeps the settings of the group the tables came from (Phase 1a's lr_base for --table_lr_scale)."""
     groups = list(params)
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
     tables = list(sparse_tables)
     skip = {id(t.weight) for t in tables}
-    groups = [{**g, "params": [p for p in g["params"] if id(p) not in skip]} for g in groups]
+    given = [{**g, "params": list(g["params"])} for g in groups]
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in skip]} for g in given]
+    groups = [g for g in groups if g["params"]]  # a group that held only the sparse tables
     try:
         dense = torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, ValueError, TypeError):
@@ -395,7 +398,9 @@ def adamw(params, sparse_tables=(), **kw):
         return dense
     for t in tables:
         t.sparse = True
-    return Optimizers(dense, SparseRowAdamW([t.weight for t in tables], lr=kw.get("lr", 1e-3),
+    flags = {k: v for g in given for k, v in g.items() if k != "params"
+             if any(id(p) in skip for p in g["params"])}  # the sparse tables' group keeps its own settings
+    return Optimizers(dense, SparseRowAdamW([{"params": [t.weight for t in tables], **flags}], lr=kw.get("lr", 1e-3),
                                             weight_decay=kw.get("weight_decay", 0.01)))
 
 

@@ -76,6 +76,9 @@ class Phase1Config(CommonConfig):
                          "each is the identity) are skipped and do not train: the encoder is the bag of its k-mer "
                          "embeddings, which learns word meaning ~4x faster per CPU second; README", min=0)
     lexicon_batch_size: int = opt(256, "words per word-stage step", min=2)
+    word_rehearsal: int = opt(0, "words per step after the word stage whose teacher vectors keep training the encoder "
+                              "beside the windows (continuous loss only), so window training does not wear the word "
+                              "knowledge away (0 = off; needs --lexicon_size; README \"Filter quality\")", min=0)
     static_windows: int = opt(32, "extra unlabelled windows per step whose target is the SIF-weighted bag of their "
                               "words' teacher vectors (no teacher call; 0 = off; needs --lexicon_size)", min=0)
     center_targets: bool = opt(True, "cosine losses compare decoded and target minus the targets' mean direction")
@@ -84,6 +87,9 @@ class Phase1Config(CommonConfig):
     contrastive_bank: int = opt(0, "targets of earlier batches (of the same stage) that each decoded vector must also "
                                 "rank its own target above in the InfoNCE: harder negatives than a batch holds "
                                 "(0 = the batch alone; not kept in checkpoints: a resumed run refills it)", min=0)
+    table_lr_scale: float = opt(1.0, "the k-mer tables' learning rate as a multiple of --lr (each row is looked up "
+                                "by few steps, so it moves slowly at the lr that suits the layers; README "
+                                "\"Filter quality\")", gt=0)
     sparse_embeddings: bool = opt(False, "the k-mer tables get sparse gradients and a lazy AdamW that updates only the "
                                   "rows a step looked up: a step's cost no longer grows with --kmer_buckets (CPU; "
                                   "README \"Sparse table updates\")")
@@ -110,8 +116,9 @@ PRESETS = {
     # 32,768 (README "Sparse table updates"). d_model 256: +0.01 at 1% on SQuAD for +2 minutes
     # (README "Filter quality"). The lexicon also holds Phase 1b's text's 20,000 most frequent words (+7,123
     # words): over two seeds, SciTLDR (no phase trains on it) rose with centred IVF and nothing fell measurably.
+    # The k-mer tables learn at 10x the lr (1e-2): a row is looked up by few of the 4,200 steps (README "Filter quality").
     "demo": dict(data="sample", d_model=256, n_layers=1, n_heads=4, num_codes=256, kmer_buckets=262144, batch_size=32,
-                 static_windows=32, lr=1e-3, sparse_embeddings=True, lexicon_domain_words=20_000,
+                 static_windows=32, lr=1e-3, table_lr_scale=10.0, sparse_embeddings=True, lexicon_domain_words=20_000,
                  max_steps=4200, warmup_steps=50, lexicon_steps=1000, bag_steps=3000, vq_warmup_steps=1000,
                  kmeans_samples=6000, eval_every=800, eval_size=500, health_size=12_000, log_every=50,
                  train_windows=8000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
@@ -334,7 +341,10 @@ def main(cfg: Phase1Config) -> dict:
     model = KmerVQVAE(**mcfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     blocks = {id(p) for p in model.encoder.blocks.parameters()}
-    optimizer = tc.adamw([{"params": [p for p in params if id(p) not in blocks]},
+    tables = {id(t.weight) for t in model.encoder.kmer_tables()} if cfg.table_lr_scale != 1 else set()
+    optimizer = tc.adamw([{"params": [p for p in params if id(p) in tables], "lr_base": cfg.table_lr_scale,
+                           "lr_scale": cfg.table_lr_scale},
+                          {"params": [p for p in params if id(p) not in blocks | tables]},
                           {"params": [p for p in params if id(p) in blocks], "blocks": True}],
                          sparse_tables=model.encoder.kmer_tables() if cfg.sparse_embeddings else (),
                          lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -389,22 +399,31 @@ def main(cfg: Phase1Config) -> dict:
         bank.add(out["targets_c"])
         return out
 
+    def word_batch(step, size):
+        """`size` vocabulary words (a fresh order every epoch), each its own window, and their teacher vectors."""
+        per_epoch = max(1, len(lex.vocab) // size)
+        order = torch.randperm(len(lex.vocab), generator=torch.Generator().manual_seed(cfg.seed + step // per_epoch))
+        ids = order[(step % per_epoch) * size:][:size]
+        b = tok.encode_windows([lex.vocab[i] for i in ids])
+        return b["input_ids"].to(device), b["attention_mask"].to(device), lex.embeddings[ids].to(device)
+
     def word_step(step):
         """The word stage: a batch of vocabulary words, each its own window, against its teacher vector."""
-        per_epoch = max(1, len(lex.vocab) // cfg.lexicon_batch_size)  # a fresh word order every epoch
-        order = torch.randperm(len(lex.vocab), generator=torch.Generator().manual_seed(cfg.seed + step // per_epoch))
-        start = (step % per_epoch) * cfg.lexicon_batch_size
-        ids = order[start:start + cfg.lexicon_batch_size]
-        b = tok.encode_windows([lex.vocab[i] for i in ids])
-        mask = b["attention_mask"].to(device)
-        out = forward(step, b["input_ids"].to(device), mask, lex.embeddings[ids].to(device), word_center)
+        ids, mask, targets = word_batch(step, cfg.lexicon_batch_size)
+        out = forward(step, ids, mask, targets, word_center)
         return out["loss"], {"cos_e": float(out["cos_e"])}, int(mask.sum()) * world
+
+    def rehearse(step):
+        """Words beside the windows after the word stage: their continuous loss, and their cosine for the log."""
+        ids, mask, targets = word_batch(step, cfg.word_rehearsal)
+        out = train_model(ids, mask, teacher=targets, target_center=word_center, quantize=False, **loss_args)
+        return out["loss"], float(out["cos_e"])
 
     def train_step(step):
         bag = step < bag_end
         model.encoder.bypass_blocks = bag  # the blocks are the identity until they start to train
         for g in optimizer.param_groups:
-            g["lr_scale"] = 0.0 if (bag and g.get("blocks")) else 1.0
+            g["lr_scale"] = 0.0 if (bag and g.get("blocks")) else g.get("lr_base", 1.0)
         if step < cfg.lexicon_steps and lex is not None:
             return word_step(step)
         windows = stream.take(cfg.batch_size)
@@ -426,6 +445,9 @@ def main(cfg: Phase1Config) -> dict:
         if "cos_q" in out:
             loss = loss + cfg.diversity_weight * out["diversity_term"]
             logs.update(cos_q=float(out["cos_q"]), commit=float(out["commit"]), diversity=float(out["diversity"]))
+        if lex is not None and cfg.word_rehearsal:
+            word_loss, logs["cos_w"] = rehearse(step)
+            loss = loss + word_loss
         if model.quantizer.track_batch:
             upkeep.recent.append(out["z_e"].detach().float())
         else:  # the upkeep after the optimizer step feeds the codebook (CodebookUpkeep._observe)

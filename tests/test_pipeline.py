@@ -216,3 +216,37 @@ def test_phase2_hard_negative_groups(chain, teacher_cache_dir):
     with pytest.raises(UserError, match="--train_pairs"):
         p2.main(_cfg(p2, p2.Phase2Config, checkpoint=d / "p1b.pt", output=d / "p2_bad_groups.pt",
                      teacher_cache=teacher_cache_dir, pair_groups=4))
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_phase1a_table_lr_scale_sets_the_kmer_tables_lr(tmp_path, teacher_cache_dir, sparse):
+    out = tmp_path / "t.pt"
+    p1.main(_cfg(p1, p1.Phase1Config, output=out, teacher_cache=teacher_cache_dir, max_steps=12,
+                 table_lr_scale=3.0, sparse_embeddings=sparse))
+    opt = load_checkpoint(str(out))["resume"]["optimizer"]
+    groups = [g for o in opt["optimizers"] for g in o["param_groups"]] if sparse else opt["param_groups"]
+    tables = [g for g in groups if g.get("lr_base") == 3.0]
+    rest = [g for g in groups if not g.get("lr_base") and not g.get("blocks")]
+    assert len(tables) == 1 and len(rest) == 1 and len(tables[0]["params"]) == 2  # embeddings and bag weights
+    assert tables[0]["lr"] == pytest.approx(3.0 * rest[0]["lr"]) and rest[0]["lr"] > 0
+
+
+def test_phase1a_word_rehearsal_keeps_training_words_after_the_word_stage(tmp_path, teacher_cache_dir):
+    from teacher import Teacher
+    from data_common import parse_weights
+    from vqvae_phase1a_data_webtext import WEBTEXT_SOURCES, webtext_documents
+
+    def run(**over):
+        cfg = _cfg(p1, p1.Phase1Config, output=tmp_path / f"{len(over)}.pt", teacher_cache=teacher_cache_dir,
+                   max_steps=40, **over)
+        p1.main(cfg)
+        return cfg, load_pretrained(cfg.output)
+    (cfg, on), (_, off) = run(word_rehearsal=32), run()
+    teacher = Teacher.load(cfg.teacher, "cpu", cfg.teacher_cache, cfg.teacher_batch_size)
+    weights = parse_weights(cfg.sources, WEBTEXT_SOURCES)
+    lex = p1.build_lexicon(cfg, lambda split, cycle: webtext_documents("sample", split, weights, cycle=cycle), teacher, 0)
+
+    def word_cosine(f):  # the decoded vector of each lexicon word against the teacher's, as the word stage trains
+        out = f.encode(lex.vocab)
+        return float(torch.nn.functional.cosine_similarity(f.model.decode(out["z_code"]), lex.embeddings).mean())
+    assert word_cosine(on) > word_cosine(off) + 0.03
