@@ -88,8 +88,8 @@ class Phase1Config(CommonConfig):
                                 "rank its own target above in the InfoNCE: harder negatives than a batch holds "
                                 "(0 = the batch alone; not kept in checkpoints: a resumed run refills it)", min=0)
     table_lr_scale: float = opt(1.0, "the k-mer tables' learning rate as a multiple of --lr (each row is looked up "
-                                "by few steps, so it moves slowly at the lr that suits the layers; README "
-                                "\"Filter quality\")", gt=0)
+                                "by few steps, so it moves slowly at the lr that suits the layers; a resumed run "
+                                "keeps the scale it started with; README \"Filter quality\")", gt=0)
     sparse_embeddings: bool = opt(False, "the k-mer tables get sparse gradients and a lazy AdamW that updates only the "
                                   "rows a step looked up: a step's cost no longer grows with --kmer_buckets (CPU; "
                                   "README \"Sparse table updates\")")
