@@ -398,8 +398,8 @@ def adamw(params, sparse_tables=(), **kw):
         return dense
     for t in tables:
         t.sparse = True
-    flags = {k: v for g in given for k, v in g.items() if k != "params"
-             if any(id(p) in skip for p in g["params"])}  # the sparse tables' group keeps its own settings
+    home = next((g for g in given if any(id(p) in skip for p in g["params"])), {})  # the group the tables came from
+    flags = {k: v for k, v in home.items() if k != "params"}  # its settings (Phase 1a's lr_base) stay theirs
     return Optimizers(dense, SparseRowAdamW([{"params": [t.weight for t in tables], **flags}], lr=kw.get("lr", 1e-3),
                                             weight_decay=kw.get("weight_decay", 0.01)))
 
