@@ -761,6 +761,10 @@ class KmerVQVAE(nn.Module):
             nce = info_nce(d_e, t_c, contrastive_temperature, contrastive_bank)
             loss_e = loss_e + contrastive_weight * nce
             out["nce"] = nce.detach()
+        if relational_weight > 0:  # every stage, continuous path: the batch's similarity structure
+            rel = relational_loss(d_e, t_c)
+            loss_e = loss_e + relational_weight * rel
+            out["relational"] = rel.detach()
         if not quantize or not bool(self.quantizer.initialized):
             out["loss"] = loss_e  # warm-up: continuous distillation only
             return out
@@ -771,10 +775,6 @@ class KmerVQVAE(nn.Module):
         out.update(cos_q=cos_q.mean().detach(), loss_q=loss_q.detach(), commit=q["commit_loss"].detach(),
                    diversity=q["diversity_loss"].detach(), decoded_q=dec_q)
         out["diversity_term"] = q["diversity_loss"]
-        if relational_weight > 0:
-            rel = relational_loss(dec_q.float(), t) + relational_loss(dec_e.float(), t)
-            loss = loss + relational_weight * rel
-            out["relational"] = rel.detach()
         out["loss"] = loss
         return out
 
@@ -794,7 +794,9 @@ def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float,
 
 
 def relational_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE between in-batch cosine-similarity matrices (student vs teacher)."""
+    """MSE between in-batch cosine-similarity matrices (student vs teacher; both already minus the
+    targets' centre when centring is on, so the shared direction does not fill every entry): how close
+    two texts are to each other, which is what corpus lists are fitted to, beyond each text's own target."""
     p, t = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
     return F.mse_loss(p @ p.T, t @ t.T)
 

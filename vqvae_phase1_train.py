@@ -52,7 +52,9 @@ class Phase1Config(CommonConfig):
     commitment_weight: float = opt(0.25, "commitment loss weight", min=0)
     diversity_weight: float = opt(0.2, "diversity loss weight", min=0)
     continuous_weight: float = opt(1.0, "weight of the cosine loss on the continuous path", min=0)
-    relational_weight: float = opt(0.0, "weight of the in-batch similarity-matrix loss", min=0)
+    relational_weight: float = opt(0.0, "weight of an MSE between the batch's cosine matrices of decoded and target "
+                                        "vectors, both minus the centre, in every stage (10 measured, not adopted: README)",
+                                   min=0)
     ema_decay: float = opt(0.99, "codebook EMA decay", gt=0, max=1)
     vq_warmup_steps: int = opt(200, "continuous-only distillation steps before k-means init", min=0)
     kmeans_samples: int = opt(40_000, "encoder outputs for the k-means codebook init", min=2)
@@ -83,7 +85,8 @@ class Phase1Config(CommonConfig):
                               "words' teacher vectors (no teacher call; 0 = off; needs --lexicon_size)", min=0)
     center_targets: bool = opt(True, "cosine losses compare decoded and target minus the targets' mean direction")
     contrastive_weight: float = opt(1.0, "weight of the in-batch InfoNCE between decoded vectors and targets", min=0)
-    contrastive_temperature: float = opt(0.05, "InfoNCE temperature", gt=0)
+    contrastive_temperature: float = opt(0.1, "InfoNCE temperature (0.1, not 0.05: README \"Adopted: InfoNCE at "
+                                              "temperature 0.1\")", gt=0)
     contrastive_bank: int = opt(0, "targets of earlier batches (of the same stage) that each decoded vector must also "
                                 "rank its own target above in the InfoNCE: harder negatives than a batch holds "
                                 "(0 = the batch alone; not kept in checkpoints: a resumed run refills it)", min=0)

@@ -181,6 +181,35 @@ def test_training_forward_losses(tiny_model):
     out["loss"].backward()
 
 
+def test_relational_loss_compares_similarity_structure():
+    from vqvae_phase1_model import relational_loss
+    torch.manual_seed(0)
+    t = torch.randn(6, 24)
+    assert float(relational_loss(3 * t, t)) < 1e-10  # the same in-batch cosines at any scale
+    rot, _ = torch.linalg.qr(torch.randn(24, 24))
+    assert float(relational_loss(t @ rot, t)) < 1e-10  # and in any rotated space
+    shuffled = t[[1, 0, 2, 3, 4, 5]]  # two rows swapped: each row's own cosine is intact, the structure is not
+    assert float(relational_loss(shuffled, t)) > 1e-3
+
+
+def test_relational_term_is_centred_and_in_every_stage(tiny_model):
+    """The relational term compares the batch's similarity matrices of decoded - centre and target - centre,
+    in the continuous warm-up too (where the word and bag stages train)."""
+    from vqvae_phase1_model import relational_loss
+    tok = tiny_model.tokenizer()
+    b = tok.encode_windows(["some text", "more text here", "quantum chromodynamics", "a cat"])
+    torch.manual_seed(1)
+    t = F.normalize(torch.randn(4, 24), dim=-1)
+    c = F.normalize(torch.randn(24), dim=-1)
+    out = tiny_model(b["input_ids"], b["attention_mask"], teacher=t, relational_weight=1.0, target_center=c,
+                     quantize=False)
+    want = relational_loss(out["decoded_e"].float() - c, t - c)
+    assert float(out["relational"]) == pytest.approx(float(want), rel=1e-5)
+    assert float(want) != pytest.approx(float(relational_loss(out["decoded_e"].float(), t)), rel=1e-3)
+    base = tiny_model(b["input_ids"], b["attention_mask"], teacher=t, target_center=c, quantize=False)
+    assert float(out["loss"] - base["loss"]) == pytest.approx(float(want), rel=1e-4)
+
+
 def test_codebook_learns_from_observed_windows_not_the_batch(tiny_model):
     q = tiny_model.quantizer.train()
     q.initialized.fill_(True)
