@@ -52,9 +52,9 @@ class Phase1Config(CommonConfig):
     commitment_weight: float = opt(0.25, "commitment loss weight", min=0)
     diversity_weight: float = opt(0.2, "diversity loss weight", min=0)
     continuous_weight: float = opt(1.0, "weight of the cosine loss on the continuous path", min=0)
-    relational_weight: float = opt(0.0, "weight of an MSE between the batch's cosine matrices of decoded and target "
-                                        "vectors, both minus the centre, in every stage (10 measured, not adopted: README)",
-                                   min=0)
+    relational_weight: float = opt(0.0, "weight of an MSE between the batch's cosine matrices of decoded and "
+                                        "target vectors, both minus the centre, in every stage (10 measured, not "
+                                        "adopted: README)", min=0)
     ema_decay: float = opt(0.99, "codebook EMA decay", gt=0, max=1)
     vq_warmup_steps: int = opt(200, "continuous-only distillation steps before k-means init", min=0)
     kmeans_samples: int = opt(40_000, "encoder outputs for the k-means codebook init", min=2)
