@@ -735,7 +735,8 @@ class KmerVQVAE(nn.Module):
     def forward(self, input_ids, attention_mask, teacher=None, text_index=None, num_texts=None,
                 continuous_weight: float = 1.0, relational_weight: float = 0.0, quantize: bool = True,
                 target_center: torch.Tensor | None = None, contrastive_weight: float = 0.0,
-                contrastive_temperature: float = 0.05, contrastive_bank: torch.Tensor | None = None):
+                contrastive_temperature: float = 0.05, contrastive_bank: torch.Tensor | None = None,
+                contrastive_soft: float = 0.0):
         """Training forward: losses against teacher embeddings (B, teacher_dim).
 
         target_center (teacher_dim,): the cosine losses compare decoded - center with teacher - center,
@@ -758,7 +759,7 @@ class KmerVQVAE(nn.Module):
         loss_e = (1 - F.cosine_similarity(d_e, t_c, dim=-1)).mean()
         out.update(cos_e=cos_e.mean().detach(), loss_cont=loss_e.detach(), targets_c=t_c.detach())
         if contrastive_weight > 0:
-            nce = info_nce(d_e, t_c, contrastive_temperature, contrastive_bank)
+            nce = info_nce(d_e, t_c, contrastive_temperature, contrastive_bank, contrastive_soft)
             loss_e = loss_e + contrastive_weight * nce
             out["nce"] = nce.detach()
         if relational_weight > 0:  # every stage, continuous path: the batch's similarity structure
@@ -780,17 +781,23 @@ class KmerVQVAE(nn.Module):
 
 
 def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float,
-             bank: torch.Tensor | None = None) -> torch.Tensor:
+             bank: torch.Tensor | None = None, soft: float = 0.0) -> torch.Tensor:
     """Symmetric InfoNCE between student vectors and their teacher targets (row i matches row i):
     per-example cosine alone lets a student sit near the common direction; this rewards ranking
     each text's own target above the other texts' (what a filter's routing needs). bank (M, D): more
-    targets (of earlier batches) that each student vector must also rank its own above."""
+    targets (of earlier batches) that each student vector must also rank its own above. soft > 0: the
+    labels are not one-hot but the targets' own softmax over the same candidates at temperature soft,
+    so a text whose target is close to another's is not pushed away from that one as hard."""
     p, t = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
-    logits = p @ t.T / temperature  # (B, B)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    to_targets = logits if bank is None or not len(bank) else \
-        torch.cat([logits, p @ F.normalize(bank.to(p.dtype), dim=-1).T / temperature], dim=1)
-    return 0.5 * (F.cross_entropy(to_targets, labels) + F.cross_entropy(logits.T, labels))
+    cands = t if bank is None or not len(bank) else torch.cat([t, F.normalize(bank.to(t.dtype), dim=-1)])
+    logits = p @ cands.T / temperature  # (B, B + M)
+    B = logits.shape[0]
+    if soft > 0:
+        labels = F.softmax((t @ cands.T / soft).detach(), dim=-1)  # (B, B + M)
+        back = F.softmax((t @ t.T / soft).detach(), dim=-1)  # each target over the B students (symmetric)
+    else:
+        labels = back = torch.arange(B, device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :B].T, back))
 
 
 def relational_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,8 @@ class Phase1Config(CommonConfig):
     contrastive_weight: float = opt(1.0, "weight of the in-batch InfoNCE between decoded vectors and targets", min=0)
     contrastive_temperature: float = opt(0.1, "InfoNCE temperature (0.1, not 0.05: README \"Adopted: InfoNCE at "
                                               "temperature 0.1\")", gt=0)
+    contrastive_soft: float = opt(0.0, "InfoNCE labels: 0 one-hot; T > 0 the targets' own in-batch softmax at "
+                                       "temperature T (measured, not adopted: README)", min=0)
     contrastive_bank: int = opt(0, "targets of earlier batches (of the same stage) that each decoded vector must also "
                                 "rank its own target above in the InfoNCE: harder negatives than a batch holds "
                                 "(0 = the batch alone; not kept in checkpoints: a resumed run refills it)", min=0)
@@ -392,7 +394,8 @@ def main(cfg: Phase1Config) -> dict:
 
     # 4. the step
     loss_args = dict(continuous_weight=cfg.continuous_weight, relational_weight=cfg.relational_weight,
-                     contrastive_weight=cfg.contrastive_weight, contrastive_temperature=cfg.contrastive_temperature)
+                     contrastive_weight=cfg.contrastive_weight, contrastive_temperature=cfg.contrastive_temperature,
+                     contrastive_soft=cfg.contrastive_soft)
     bank = TargetBank(cfg.contrastive_bank)
 
     def forward(step, ids, mask, targets, center):

@@ -210,6 +210,29 @@ def test_relational_term_is_centred_and_in_every_stage(tiny_model):
     assert float(out["loss"] - base["loss"]) == pytest.approx(float(want), rel=1e-4)
 
 
+def test_soft_info_nce_is_stationary_where_the_student_copies_the_targets():
+    """With soft labels at the InfoNCE's own temperature, a student whose vectors are its targets already
+    has the labels' distribution, so the loss has no gradient there; one-hot labels still push the
+    texts apart. A bank of earlier targets takes part in the labels too."""
+    from vqvae_phase1_model import info_nce
+    torch.manual_seed(0)
+    t = torch.randn(8, 16) + 0.8 * torch.randn(1, 16)  # correlated: neighbours the teacher sees as close
+    bank = torch.randn(5, 16)
+    for b in (None, bank):
+        pred = t.clone().requires_grad_(True)
+        info_nce(pred, t, 0.1, b, soft=0.1).backward()
+        assert pred.grad.abs().max() < 1e-6
+        pred = t.clone().requires_grad_(True)
+        info_nce(pred, t, 0.1, b).backward()
+        assert pred.grad.abs().max() > 1e-3
+    pred = t.clone().requires_grad_(True)
+    info_nce(pred, t, 0.1, soft=0.2).backward()  # labels softer than the student's softmax: still a pull
+    assert pred.grad.abs().max() > 1e-3
+    # a tiny label temperature is the one-hot InfoNCE
+    x = torch.randn(8, 16)
+    assert float(info_nce(x, t, 0.1, bank, soft=1e-4)) == pytest.approx(float(info_nce(x, t, 0.1, bank)), rel=1e-5)
+
+
 def test_codebook_learns_from_observed_windows_not_the_batch(tiny_model):
     q = tiny_model.quantizer.train()
     q.initialized.fill_(True)
