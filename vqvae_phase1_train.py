@@ -88,7 +88,7 @@ class Phase1Config(CommonConfig):
     contrastive_temperature: float = opt(0.1, "InfoNCE temperature (0.1, not 0.05: README \"Adopted: InfoNCE at "
                                               "temperature 0.1\")", gt=0)
     contrastive_soft: float = opt(0.0, "InfoNCE labels: 0 one-hot; T > 0 the targets' own in-batch softmax at "
-                                       "temperature T (measured, not adopted: README)", min=0)
+                                       "temperature T (0.1 and 0.2 measured, not adopted: README)", min=0)
     contrastive_bank: int = opt(0, "targets of earlier batches (of the same stage) that each decoded vector must also "
                                 "rank its own target above in the InfoNCE: harder negatives than a batch holds "
                                 "(0 = the batch alone; not kept in checkpoints: a resumed run refills it)", min=0)
