@@ -160,6 +160,18 @@ def check_architecture(ckpt_config: dict, requested: dict, path: str):
                         f"or choose a new --output")
 
 
+# the loss settings a resumed run takes from its command line (the optimizer state keeps the lr groups)
+OBJECTIVE_FLAGS = ("contrastive_temperature", "contrastive_soft", "contrastive_weight", "relational_weight",
+                   "continuous_weight", "center_targets", "diversity_weight", "commitment_weight")
+
+
+def objective_changes(started: dict, cfg) -> list[str]:
+    """The loss settings of this command line that differ from those the checkpoint's run started with
+    (e.g. a default changed between the two versions of this script)."""
+    return [f"--{k} {getattr(cfg, k)!r} (it started with {started[k]!r})" for k in OBJECTIVE_FLAGS
+            if k in started and started[k] != getattr(cfg, k)]
+
+
 @torch.no_grad()
 def embed_windows(model, tok, windows, device, batch_size=256) -> torch.Tensor:
     """z_e for many windows (no grad, eval mode), for k-means and evaluation."""
@@ -368,6 +380,10 @@ def main(cfg: Phase1Config) -> dict:
         state = tc.resume_state(ckpt, optimizer, stream.skip)
         if rank == 0:
             print(f"resuming {out_path} at step {state.step} ({state.tokens_seen:,} k-mers seen)")
+            changed = objective_changes(ckpt.get("train_args", {}), cfg)
+            if changed:
+                print(f"note: the resumed run trains with {', '.join(changed)}; pass the values it started "
+                      f"with to keep its objective")
     average = tc.WeightAverage(model, cfg.weight_average)
     if live is not None:
         average.load_live_state(live, state.step)

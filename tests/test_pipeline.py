@@ -57,7 +57,7 @@ def test_warm_cache_makes_no_teacher_calls(chain, tmp_path, teacher_cache_dir):
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-def test_resume_continues_to_the_same_budget(chain, tmp_path, teacher_cache_dir, sparse):
+def test_resume_continues_to_the_same_budget(chain, tmp_path, teacher_cache_dir, sparse, capsys):
     out = tmp_path / "r.pt"
     p1.main(_cfg(p1, p1.Phase1Config, output=out, teacher_cache=teacher_cache_dir, max_steps=20,
                  sparse_embeddings=sparse))
@@ -68,8 +68,16 @@ def test_resume_continues_to_the_same_budget(chain, tmp_path, teacher_cache_dir,
     with pytest.raises(UserError, match="cannot resume"):  # another optimizer layout: one clear line
         p1.main(_cfg(p1, p1.Phase1Config, output=out, teacher_cache=teacher_cache_dir, resume=True,
                      sparse_embeddings=not sparse))
+    capsys.readouterr()
+    # a loss setting that differs from the one the run started with (as when a default changes between
+    # versions) is named in one line; the same settings print none
+    other = {} if sparse else {"contrastive_temperature": 0.2}
     r = p1.main(_cfg(p1, p1.Phase1Config, output=out, teacher_cache=teacher_cache_dir, resume=True,
-                     sparse_embeddings=sparse))
+                     sparse_embeddings=sparse, **other))
+    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: the resumed run")]
+    assert notes == ([] if sparse else [
+        "note: the resumed run trains with --contrastive_temperature 0.2 (it started with 0.1); pass the values "
+        "it started with to keep its objective"])
     assert r["step"] == 30 and r["tokens_seen"] == chain["p1"]["tokens_seen"]
     # the stream continued where the checkpoint left it: same windows consumed as one straight run
     a, b = load_checkpoint(str(out)), load_checkpoint(str(chain["dir"] / "p1.pt"))
