@@ -793,8 +793,9 @@ def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float,
     logits = p @ cands.T / temperature  # (B, B + M)
     B = logits.shape[0]
     if soft > 0:
-        labels = F.softmax((t @ cands.T / soft).detach(), dim=-1)  # (B, B + M)
-        back = F.softmax((t @ t.T / soft).detach(), dim=-1)  # each target over the B students (symmetric)
+        sims = (t @ cands.T / soft).detach()  # (B, B + M): the targets' own cosines to every candidate
+        labels = F.softmax(sims, dim=-1)
+        back = F.softmax(sims[:, :B], dim=-1)  # each target over the B students (symmetric)
     else:
         labels = back = torch.arange(B, device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :B].T, back))
