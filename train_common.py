@@ -594,15 +594,19 @@ def set_lr(optimizer, lr: float):
 
 def run_training(cfg, *, optimizer, params, train_step, evaluate, save, state: LoopState, logger: RunLogger,
                  total_steps: int, max_tokens: int = 0, device=torch.device("cpu"), after_step=None,
-                 best_key: str = "", rank: int = 0, bar_keys=(), rate_name: str = "kmers_per_s"):
+                 before_step=None, best_key: str = "", rank: int = 0, bar_keys=(), rate_name: str = "kmers_per_s"):
     """The one loop. train_step(step) -> (loss, logs, tokens); evaluate() -> metrics dict;
     tokens are k-mers (Phases 1a/1b) or pairs (Phase 2: rate_name="pairs_per_s");
-    save(state, metrics, is_best) writes checkpoints; after_step(step, logs) for codebook upkeep."""
+    save(state, metrics, is_best) writes checkpoints; after_step(step, logs) for codebook upkeep;
+    before_step(step) sets what the step's learning rates depend on (the groups' lr_scale), so it runs
+    before they are set."""
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=state.step, disable=rank != 0, dynamic_ncols=True,
                desc=logger.path.split(os.sep)[-2] if os.sep in logger.path else "train")
     t0, tok0, metrics = time.time(), state.tokens_seen, {}
     while state.step < total_steps and not (max_tokens and state.tokens_seen >= max_tokens):
+        if before_step is not None:
+            before_step(state.step)
         set_lr(optimizer, lr_at(state.step, cfg.warmup_steps, schedule_steps(state, total_steps, max_tokens), cfg.lr))
         with autocast(device):
             loss, logs, tokens = train_step(state.step)

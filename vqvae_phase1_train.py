@@ -359,8 +359,7 @@ def main(cfg: Phase1Config) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     blocks = {id(p) for p in model.encoder.blocks.parameters()}
     tables = {id(t.weight) for t in model.encoder.kmer_tables()} if cfg.table_lr_scale != 1 else set()
-    optimizer = tc.adamw([{"params": [p for p in params if id(p) in tables], "lr_base": cfg.table_lr_scale,
-                           "lr_scale": cfg.table_lr_scale},
+    optimizer = tc.adamw([{"params": [p for p in params if id(p) in tables], "lr_base": cfg.table_lr_scale},
                           {"params": [p for p in params if id(p) not in blocks | tables]},
                           {"params": [p for p in params if id(p) in blocks], "blocks": True}],
                          sparse_tables=model.encoder.kmer_tables() if cfg.sparse_embeddings else (),
@@ -441,11 +440,15 @@ def main(cfg: Phase1Config) -> dict:
         out = train_model(ids, mask, teacher=targets, target_center=word_center, quantize=False, **loss_args)
         return out["loss"], float(out["cos_e"])
 
-    def train_step(step):
+    def stage(step):
+        """Before each step's learning rates are set: in the bag stage the blocks are the identity and
+        their group's rate is 0; the tables' group keeps its multiple of --lr throughout."""
         bag = step < bag_end
-        model.encoder.bypass_blocks = bag  # the blocks are the identity until they start to train
+        model.encoder.bypass_blocks = bag
         for g in optimizer.param_groups:
             g["lr_scale"] = 0.0 if (bag and g.get("blocks")) else g.get("lr_base", 1.0)
+
+    def train_step(step):
         if step < cfg.lexicon_steps and lex is not None:
             return word_step(step)
         windows = stream.take(cfg.batch_size)
@@ -503,7 +506,7 @@ def main(cfg: Phase1Config) -> dict:
         cfg, optimizer=optimizer, params=params, train_step=train_step, state=state, logger=logger,
         evaluate=evaluate,
         save=save, total_steps=cfg.max_steps, max_tokens=cfg.max_tokens_total, device=device,
-        after_step=upkeep, best_key="cos_q", rank=rank, bar_keys=("cos_q", "cos_e", "run_ppl", "active_pct"))
+        after_step=upkeep, before_step=stage, best_key="cos_q", rank=rank, bar_keys=("cos_q", "cos_e", "run_ppl", "active_pct"))
     teacher.flush()
     logger.finish()
     tc.finish_distributed(model, rank)

@@ -239,6 +239,19 @@ def test_phase1a_table_lr_scale_sets_the_kmer_tables_lr(tmp_path, teacher_cache_
     assert tables[0]["lr"] == pytest.approx(3.0 * rest[0]["lr"]) and rest[0]["lr"] > 0
 
 
+def test_phase1a_blocks_train_from_the_first_step_after_the_word_stage(tmp_path, teacher_cache_dir):
+    """The tiny preset's word stage is steps 0-4: the blocks' zero-initialised output layers stay zero
+    through it and move at step 5, the first step with the blocks on (their learning rate is set for
+    the step about to run, not the one before)."""
+    def out_proj(max_steps):
+        out = tmp_path / f"{max_steps}.pt"
+        p1.main(_cfg(p1, p1.Phase1Config, output=out, teacher_cache=teacher_cache_dir, max_steps=max_steps,
+                     lexicon_steps=5, bag_steps=0, weight_average=0))
+        return load_checkpoint(str(out))["base_model_state_dict"]["encoder.blocks.0.attn.out_proj.weight"]
+    assert out_proj(5).abs().max() == 0
+    assert out_proj(6).abs().max() > 0
+
+
 def test_phase1a_word_rehearsal_keeps_training_words_after_the_word_stage(tmp_path, teacher_cache_dir):
     from teacher import Teacher
     from data_common import parse_weights
