@@ -69,6 +69,9 @@ class Phase1Config(CommonConfig):
     lexicon_size: int = opt(40_000, "most frequent training-text words that, with the teacher's whole-word vocabulary, "
                             "get teacher embeddings for the word stage and the static targets (0 = off)", min=0)
     lexicon_teacher_words: bool = opt(True, "add the teacher tokenizer's ~21.7k whole words to the lexicon")
+    static_wordpieces: bool = opt(False, "static targets also count words outside the lexicon (names, technical "
+                                  "terms), through the teacher tokenizer's pieces of them, instead of dropping "
+                                  "them (README \"Filter quality\")")
     lexicon_domain_words: int = opt(0, "the most frequent words of Phase 1b's training text (its default academic and "
                                     "chat sources for --data sample/hub; the ones --data_files names for files) "
                                     "also join the lexicon (0 = none; README \"Filter quality\")", min=0)
@@ -162,7 +165,7 @@ def check_architecture(ckpt_config: dict, requested: dict, path: str):
 
 # the loss settings a resumed run takes from its command line (the optimizer state keeps the lr groups)
 OBJECTIVE_FLAGS = ("contrastive_temperature", "contrastive_soft", "contrastive_weight", "relational_weight",
-                   "continuous_weight", "center_targets", "diversity_weight", "commitment_weight")
+                   "continuous_weight", "center_targets", "diversity_weight", "commitment_weight", "static_wordpieces")
 
 
 def objective_changes(started: dict, cfg) -> list[str]:
@@ -318,7 +321,7 @@ def build_lexicon(cfg, docs, teacher, rank):
     t0 = time.time()
     more = ((domain_lexicon_documents(cfg), cfg.lexicon_domain_words),) if cfg.lexicon_domain_words else ()
     lex = Lexicon.build(docs("train", False), teacher, cfg.lexicon_size, teacher_vocab=cfg.lexicon_teacher_words,
-                        more=more)
+                        more=more, pieces=cfg.static_wordpieces and bool(cfg.static_windows))
     teacher.flush()
     if rank == 0:
         print(f"lexicon: {len(lex.vocab):,} words with teacher embeddings ({time.time() - t0:.0f} s)")

@@ -55,8 +55,22 @@ def test_centred_cosine_loss_compares_offsets_from_the_centre(tiny_model):
     assert float(both["loss"]) == pytest.approx(float(expected + 0.5 * info_nce(dec - c, t - c, 0.05)), rel=1e-5)
 
 
-class _FakeTeacherModel:  # only the tokenizer vocabulary is read from it
-    tokenizer = type("T", (), {"vocab": {"apple": 0, "##s": 1, "tree": 2, "a": 3}})()
+class _FakeTokenizer:  # a WordPiece vocabulary and its greedy longest-match split, as BERT's tokenizer does
+    vocab = {"apple": 0, "##s": 1, "tree": 2, "a": 3, "[UNK]": 4}
+
+    def tokenize(self, word):
+        out = []
+        while word:
+            cut = next((n for n in range(len(word), 0, -1) if ("##" if out else "") + word[:n] in self.vocab), 0)
+            if not cut:
+                return ["[UNK]"]
+            out.append(("##" if out else "") + word[:cut])
+            word = word[cut:]
+        return out
+
+
+class _FakeTeacherModel:  # only the tokenizer is read from it
+    tokenizer = _FakeTokenizer()
 
 
 class _Teacher:
@@ -82,6 +96,25 @@ def test_lexicon_words_weights_and_static_targets():
     assert torch.allclose(got[0], want, atol=1e-6)
     assert torch.equal(got[1], torch.zeros(8)) and torch.equal(got[2], torch.zeros(8))  # no known word
     assert float(lex.weights[lex.index["the"]]) < float(lex.weights[lex.index["apple"]])  # frequent: lighter
+
+
+def test_static_targets_count_words_outside_the_lexicon_through_their_pieces():
+    docs = ["The apple tree. The apple!", "the tree, the end"]
+    lex = Lexicon.build(docs, _Teacher(), size=10, min_count=1, pieces=True)
+    assert set(lex.piece_index) == {"s", "a"}  # the vocabulary's texts that are not lexicon words; no [UNK]
+    piece = dict(zip(["a", "s"], _Teacher().embed(["a", "s"])))  # one teacher call, as add_pieces makes
+    assert torch.equal(lex.table[lex.piece_index["s"]], piece["s"])
+    E = lambda word: lex.embeddings[lex.index[word]]
+    w_tree = float(lex.weights[lex.index["tree"]])
+    got = lex.static_targets(["apples tree", "zzz", "apple tree"])
+    # 'apples' -> 'apple' + '##s': a rare word's SIF weight (1) split over its two pieces
+    want = F.normalize(w_tree * E("tree") + 0.5 * E("apple") + 0.5 * piece["s"], dim=0)
+    assert torch.allclose(got[0], want, atol=1e-6)
+    assert torch.equal(got[1], torch.zeros(8))  # [UNK]: nothing to count
+    assert torch.allclose(got[2], Lexicon.build(docs, _Teacher(), size=10, min_count=1).static_targets(
+        ["apple tree"])[0], atol=1e-6)  # known words: as without pieces
+    plain = Lexicon.build(docs, _Teacher(), size=10, min_count=1).static_targets(["apples tree"])[0]
+    assert torch.allclose(plain, F.normalize(w_tree * E("tree"), dim=0), atol=1e-6)  # without: dropped
 
 
 def test_lexicon_domain_text_adds_its_own_most_frequent_words():
