@@ -72,7 +72,7 @@ class Lexicon:
         the word's SIF weight, ~1 for a word too rare for the lexicon, is split evenly over its pieces. The
         tokenizer's vocabulary texts that are not lexicon words are embedded once (3,702 beside the demo's
         lexicon)."""
-        tok = getattr(getattr(teacher, "model", None), "tokenizer", None)
+        tok = teacher_tokenizer(teacher)
         if tok is None or not hasattr(tok, "tokenize"):
             raise ValueError("word pieces for the static targets need the teacher's tokenizer")
         texts = {piece_text(p) for p in getattr(tok, "vocab", {})} - set(self.index) - {""}
@@ -130,8 +130,13 @@ def piece_text(piece: str) -> str:
     return piece[2:] if piece.startswith("##") else piece
 
 
+def teacher_tokenizer(teacher):
+    """The teacher's (sentence-transformers) tokenizer, or None where the teacher has none."""
+    return getattr(getattr(teacher, "model", None), "tokenizer", None)
+
+
 def teacher_words(teacher) -> list[str]:
     """The teacher tokenizer's whole words (no '##' pieces, letters only, 2+ characters)."""
-    tok = getattr(getattr(teacher, "model", None), "tokenizer", None)
+    tok = teacher_tokenizer(teacher)
     vocab = getattr(tok, "vocab", None) or {}
     return [w for w in vocab if len(w) > 1 and w.isalpha() and not w.startswith("##")]

@@ -509,7 +509,8 @@ def main(cfg: Phase1Config) -> dict:
         cfg, optimizer=optimizer, params=params, train_step=train_step, state=state, logger=logger,
         evaluate=evaluate,
         save=save, total_steps=cfg.max_steps, max_tokens=cfg.max_tokens_total, device=device,
-        after_step=upkeep, before_step=stage, best_key="cos_q", rank=rank, bar_keys=("cos_q", "cos_e", "run_ppl", "active_pct"))
+        after_step=upkeep, before_step=stage, best_key="cos_q", rank=rank,
+        bar_keys=("cos_q", "cos_e", "run_ppl", "active_pct"))
     teacher.flush()
     logger.finish()
     tc.finish_distributed(model, rank)
