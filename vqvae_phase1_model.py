@@ -20,6 +20,7 @@ import hashlib
 import math
 import os
 import pickle
+import shutil
 import tempfile
 import unicodedata
 import warnings
@@ -50,6 +51,12 @@ class KmerVQVAEConfig:
     kmer_pool: int = 4  # k-mers mean-pooled into one position (1 = none); see README "Geometry"
     max_windows: int = 16  # windows kept per text (a passage longer than this is truncated)
     hash_version: int = 2  # k-mer hash: 2 = 32-bit (fast); 1 = the first, 64-bit one (older checkpoints)
+    # hashed word features: each k-mer also looks up (this many hashes of) the whole word its first byte
+    # belongs to, a variable-length character n-gram with no vocabulary (fastText's word feature; README
+    # "Filter quality"), in a table of word_buckets rows that starts at zero, so a word never trained adds
+    # nothing; 0 = k-mers only (checkpoints written before this option existed)
+    word_hashes: int = 0
+    word_buckets: int = 65536
     # encoder
     d_model: int = 384
     n_layers: int = 4
@@ -151,7 +158,8 @@ class KmerTokenizer:
     def __init__(self, kmer_len=KmerVQVAEConfig.kmer_len, kmer_stride=KmerVQVAEConfig.kmer_stride,
                  kmer_buckets=KmerVQVAEConfig.kmer_buckets, num_hashes=KmerVQVAEConfig.num_hashes,
                  window_size=KmerVQVAEConfig.window_size, kmer_pool=KmerVQVAEConfig.kmer_pool,
-                 max_windows=KmerVQVAEConfig.max_windows, hash_version=KmerVQVAEConfig.hash_version, **_model_keys):
+                 max_windows=KmerVQVAEConfig.max_windows, hash_version=KmerVQVAEConfig.hash_version,
+                 word_hashes=KmerVQVAEConfig.word_hashes, word_buckets=KmerVQVAEConfig.word_buckets, **_model_keys):
         # one source of defaults: a tokenizer built with defaults feeds a default model its own windows
         if not (1 <= kmer_len <= 8):
             raise ValueError(f"kmer_len must be in 1..8, got {kmer_len}")
@@ -159,6 +167,10 @@ class KmerTokenizer:
             raise ValueError(f"num_hashes must be <= {len(_HASH_MULTIPLIERS)}")
         if hash_version not in (1, 2):
             raise ValueError(f"hash_version must be 1 or 2, got {hash_version}")
+        if word_hashes and (hash_version != 2 or num_hashes + word_hashes > len(_HASH32_MULTIPLIERS)):
+            raise ValueError(f"word_hashes needs hash_version 2 and num_hashes + word_hashes <= "
+                             f"{len(_HASH32_MULTIPLIERS)}, got {word_hashes} with {num_hashes}, version {hash_version}")
+        self.word_hashes, self.word_buckets = word_hashes, word_buckets
         self.k, self.stride, self.buckets = kmer_len, kmer_stride, kmer_buckets
         self.num_hashes, self.window_size, self.pool = num_hashes, window_size, kmer_pool
         self.max_windows, self.hash_version = max_windows, hash_version
@@ -205,9 +217,50 @@ class KmerTokenizer:
             value = (value << wide(8)) | col.astype(wide)
         return value
 
-    def _hash(self, value: np.ndarray) -> np.ndarray:
-        """k-gram integers (W, L) -> bucket ids in [1, buckets - 1], (num_hashes, W, L) int32/int64."""
-        H, B = self.num_hashes, self.buckets
+    def _word_values(self, rows: np.ndarray, W: int, L: int, R: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each k-mer of `rows` (W rows of R bytes): a 32-bit value of the word its first byte belongs
+        to, and whether there is one: (W, L) uint32, (W, L) bool. A word is a run of ASCII letters and
+        digits and non-ASCII bytes; a k-mer starting on a space or a symbol belongs to the next word of
+        its row. The value is a polynomial hash of the word's bytes (mod 2^32) mixed with its length, so
+        it depends on the word alone, not on where it stands."""
+        b = rows[:W * R].reshape(W, R)
+        is_w = (b >= 0x80) | ((b >= 0x30) & (b <= 0x39)) | ((b >= 0x61) & (b <= 0x7A)) | ((b >= 0x41) & (b <= 0x5A))
+        prev = np.zeros_like(is_w)
+        prev[:, 1:] = is_w[:, :-1]
+        nxt = np.zeros_like(is_w)
+        nxt[:, :-1] = is_w[:, 1:]
+        start, end = (is_w & ~prev).ravel(), (is_w & ~nxt).ravel()
+        gid = np.cumsum(start).reshape(W, R)  # 1-based word number over the whole batch (0: none yet)
+        pw, pinv = self._powers(W * R)
+        term = np.where(is_w.ravel(), b.ravel().astype(np.uint32) * pw, np.uint32(0))
+        csum = np.cumsum(term, dtype=np.uint32)
+        s, e = np.flatnonzero(start), np.flatnonzero(end)
+        value = np.zeros(len(s) + 1, dtype=np.uint32)
+        value[1:] = ((csum[e] - csum[s] + term[s]) * pinv[s]) ^ ((e - s + 1).astype(np.uint32) * np.uint32(0x9E3779B1))
+        first = np.arange(L) * self.stride  # each k-mer's first byte
+        g = gid[:, first]
+        own = is_w[:, first]
+        has = own | (gid[:, -1:] > g)  # on a word, or a later word in the row
+        idx = np.where(own, g, g + 1) * has
+        return value[idx], has
+
+    def _powers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """P^i and P^-i mod 2^32 for i < n (P odd, so invertible), cached and grown as needed."""
+        cache = getattr(self, "_pow_cache", None)
+        if cache is None or len(cache[0]) < n:
+            m = max(n, 1 << 14)
+            P = np.uint32(0x01000193)  # FNV's 32-bit prime
+            P_inv = np.uint32(pow(int(P), -1, 1 << 32))
+            ones = np.ones(1, dtype=np.uint32)
+            cache = (np.concatenate((ones, np.cumprod(np.full(m - 1, P, dtype=np.uint32), dtype=np.uint32))),
+                     np.concatenate((ones, np.cumprod(np.full(m - 1, P_inv, dtype=np.uint32), dtype=np.uint32))))
+            self._pow_cache = cache
+        return cache[0][:n], cache[1][:n]
+
+    def _hash(self, value: np.ndarray, count: int | None = None, first: int = 0, buckets: int = 0) -> np.ndarray:
+        """k-gram integers (W, L) -> bucket ids in [1, B - 1], (count, W, L) int32/int64, with the hash
+        functions first .. first + count - 1 (count defaults to num_hashes, B to kmer_buckets)."""
+        H, B = self.num_hashes if count is None else count, buckets or self.buckets
         if self.hash_version == 1:  # 64-bit multiply-xorshift, reduced modulo B - 1
             h = (value + np.uint64(1))[None] * _HASH_MULTIPLIERS[:H, None, None]
             h ^= h >> np.uint64(29)
@@ -220,7 +273,7 @@ class KmerTokenizer:
         out = np.empty((H,) + value.shape, dtype=np.uint32)
         for i in range(H):  # a 32-bit multiply-xorshift permutation per hash, then multiply-shift range
             h = out[i]
-            np.multiply(value, _HASH32_MULTIPLIERS[i], out=h)
+            np.multiply(value, _HASH32_MULTIPLIERS[first + i], out=h)
             h ^= h >> np.uint32(16)
             h *= np.uint32(0x7FEB352D)
             h ^= h >> np.uint32(15)
@@ -253,7 +306,12 @@ class KmerTokenizer:
         ids = self._hash(self._kmer_values(rows, W, L, R))  # (H, W, L)
         mask = np.arange(L)[None, :] < n_kmers[:, None]  # (W, L)
         ids *= mask[None].astype(ids.dtype)  # padding -> 0
-        ids = ids[0] if self.num_hashes == 1 else np.moveaxis(ids, 0, -1)
+        if self.word_hashes:  # the word of each k-mer, through hash functions the k-mers do not use
+            value, has = self._word_values(rows, W, L, R)
+            words = self._hash(value, self.word_hashes, first=self.num_hashes, buckets=self.word_buckets)
+            words *= (has & mask)[None].astype(words.dtype)  # no word (or padding) -> 0
+            ids = np.concatenate((ids, words))
+        ids = ids[0] if len(ids) == 1 else np.moveaxis(ids, 0, -1)
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
     def __call__(self, texts: list[str] | str, max_windows: int | None = None) -> dict:
@@ -318,10 +376,16 @@ class KmerEncoder(nn.Module):
         self.embed = nn.Embedding(cfg.kmer_buckets, cfg.d_model, padding_idx=0)
         self.pos = nn.Embedding(cfg.window_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        if cfg.word_hashes:  # starts at zero: a word no step has looked up adds nothing to its k-mers
+            self.word_embed = nn.Embedding(cfg.word_buckets, cfg.d_model, padding_idx=0)
+            nn.init.zeros_(self.word_embed.weight)
         if cfg.bag_path:
             self.ln_bag = nn.LayerNorm(cfg.d_model)
             self.bag_weight = nn.Embedding(cfg.kmer_buckets, 1, padding_idx=0)  # log-weight per k-mer id
             nn.init.zeros_(self.bag_weight.weight)  # starts as the plain mean
+            if cfg.word_hashes:  # a log-weight per word id too, so a whole word can weigh less or more
+                self.word_weight = nn.Embedding(cfg.word_buckets, 1, padding_idx=0)
+                nn.init.zeros_(self.word_weight.weight)
         else:
             self.ln_f = nn.LayerNorm(cfg.d_model)
         self.bypass_blocks = False  # not state: Phase 1a sets it during its bag stage
@@ -339,7 +403,10 @@ class KmerEncoder(nn.Module):
 
     def kmer_tables(self) -> list[nn.Embedding]:
         """The tables indexed by k-mer id (the embedding, and the bag path's per-k-mer weights)."""
-        return [self.embed] + ([self.bag_weight] if self.cfg.bag_path else [])
+        tables = [self.embed] + ([self.word_embed] if self.cfg.word_hashes else [])
+        if self.cfg.bag_path:
+            tables += [self.bag_weight] + ([self.word_weight] if self.cfg.word_hashes else [])
+        return tables
 
     def forward(self, input_ids, attention_mask):
         """-> (z_e (B, D), positions (B,)). While `bypass_blocks` is set (Phase 1a's bag stage, with
@@ -350,14 +417,20 @@ class KmerEncoder(nn.Module):
         learned scalar per k-mer id, so frequent uninformative k-mers can weigh less, as SIF weights
         do for words), plus the mean over pooled positions of what the blocks add to their input."""
         mask = attention_mask.bool()
-        x = self.embed(input_ids)  # (B, L, D) or (B, L, H, D)
+        Hw = self.cfg.word_hashes
+        kmer_ids = input_ids[..., :-Hw] if Hw else input_ids  # the last Hw ids of a k-mer are its word's
+        x = self.embed(kmer_ids)  # (B, L, D) or (B, L, H, D)
         if x.dim() == 4:
             x = x.sum(2)  # multi-hash: sum the hash functions' embeddings
+        if Hw:
+            x = x + self.word_embed(input_ids[..., -Hw:]).sum(2)
         bag = None
         if self.cfg.bag_path:
-            s = self.bag_weight(input_ids)  # (B, L, 1) or (B, L, H, 1)
+            s = self.bag_weight(kmer_ids)  # (B, L, 1) or (B, L, H, 1)
             if s.dim() == 4:
                 s = s.sum(2)
+            if Hw:
+                s = s + self.word_weight(input_ids[..., -Hw:]).sum(2)
             w = torch.exp(s.float().clamp(-10, 10)) * mask[..., None]
             bag = (self.ln_bag(x).float() * w).sum(1) / w.sum(1).clamp(min=1e-6)
         P = self.cfg.kmer_pool
@@ -838,6 +911,30 @@ def save_checkpoint(obj: dict, path: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def copy_checkpoint(src: str, dst: str) -> None:
+    """Atomically make `dst` the checkpoint just written at `src` (the *_best.pt beside the latest): a hard
+    link, since every save replaces its file by rename and never writes into it, so the two names part at
+    the next save; a byte copy where the file system has no hard links. Either way no second
+    serialisation (~3 s for the demo's 1.1 GB Phase 1a file)."""
+    folder = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(folder, f".tmp_{os.path.basename(dst)}link{os.getpid()}")  # as save_checkpoint's, for the cleanup
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
     dir_fd = os.open(folder, os.O_RDONLY)

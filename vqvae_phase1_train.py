@@ -24,8 +24,8 @@ import train_common as tc
 from data_common import parse_data_files, parse_weights
 from teacher import Teacher, TeacherError
 from train_common import CommonConfig, LoopState, UserError, opt
-from vqvae_phase1_model import (KmerTokenizer, KmerVQVAE, KmerVQVAEConfig, codebook_health, load_checkpoint,
-                                save_checkpoint)
+from vqvae_phase1_model import (KmerTokenizer, KmerVQVAE, KmerVQVAEConfig, codebook_health, copy_checkpoint,
+                                load_checkpoint, save_checkpoint)
 from vqvae_phase1a_data_webtext import DEFAULT_WEIGHTS, WEBTEXT_SOURCES, WindowStream, eval_windows, webtext_documents
 
 
@@ -44,6 +44,9 @@ class Phase1Config(CommonConfig):
     kmer_stride: int = opt(1, "bytes between k-mers", min=1)
     kmer_buckets: int = opt(32768, "hash buckets", min=2)
     num_hashes: int = opt(2, "hash functions per k-mer (embeddings summed)", min=1, max=4)
+    word_hashes: int = opt(0, "hashes of each k-mer's whole word that it also looks up (0 = k-mers only; README "
+                           "\"Filter quality\")", min=0, max=2)
+    word_buckets: int = opt(65536, "rows of the word table (with --word_hashes)", min=2)
     window_size: int = opt(64, "encoder positions per window", min=1)
     kmer_pool: int = opt(4, "k-mers mean-pooled per position", min=1)
     bag_path: bool = opt(True, "the text vector is a learned-weight mean of all k-mer embeddings (before pooling) "
@@ -108,6 +111,7 @@ class Phase1Config(CommonConfig):
 
 PRESETS = {
     "tiny": dict(data="sample", d_model=32, n_layers=1, n_heads=2, num_codes=16, kmer_buckets=1024, window_size=16,
+                 word_hashes=2, word_buckets=1024,
                  batch_size=16, max_steps=30, warmup_steps=5, vq_warmup_steps=10, kmeans_samples=128,
                  eval_every=10, eval_size=64, log_every=5, dead_code_every=5, shuffle_buffer=64,
                  max_tokens_total=0, health_size=64, lexicon_size=300, lexicon_teacher_words=False, lexicon_steps=5,
@@ -125,8 +129,10 @@ PRESETS = {
     # (README "Filter quality"). The lexicon also holds Phase 1b's text's 20,000 most frequent words (+7,123
     # words): over two seeds, SciTLDR (no phase trains on it) rose with centred IVF and nothing fell measurably.
     # The k-mer tables learn at 10x the lr (1e-2): a row is looked up by few of the 4,200 steps (README "Filter quality").
-    "demo": dict(data="sample", d_model=256, n_layers=1, n_heads=4, num_codes=256, kmer_buckets=262144, batch_size=32,
-                 static_windows=32, lr=1e-3, table_lr_scale=10.0, sparse_embeddings=True, lexicon_domain_words=20_000,
+    # Each k-mer also looks up its word in a 65,536-row table that starts at zero (2 hashes): over two seeds, exact
+    # search and the lists rose on SQuAD, SciTLDR and MedQuAD, for ~20% more Phase 1a time (README "Filter quality").
+    "demo": dict(data="sample", d_model=256, n_layers=1, n_heads=4, num_codes=256, kmer_buckets=262144, word_hashes=2,
+                 batch_size=32, static_windows=32, lr=1e-3, table_lr_scale=10.0, sparse_embeddings=True, lexicon_domain_words=20_000,
                  max_steps=4200, warmup_steps=50, lexicon_steps=1000, bag_steps=3000, vq_warmup_steps=1000,
                  kmeans_samples=6000, eval_every=800, eval_size=500, health_size=12_000, log_every=50,
                  train_windows=8000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
@@ -136,7 +142,7 @@ PRESETS = {
     # every 256 labelled ones. The 200M k-mer budget ends the run at step 4,072 (measured) and the lr
     # schedule ends with it.
     # 262,144 hash buckets, as the demo; dense table updates (cheap on a GPU; sparse ones unmeasured there).
-    "full": dict(data="hub", kmer_buckets=262144, batch_size=256, static_windows=128, max_steps=6000,
+    "full": dict(data="hub", kmer_buckets=262144, word_hashes=2, batch_size=256, static_windows=128, max_steps=6000,
                  warmup_steps=200, lexicon_steps=2000, bag_steps=500, vq_warmup_steps=800, eval_every=500,
                  eval_size=50_000, lexicon_size=100_000, lexicon_domain_words=20_000, output="kmer_vqvae_phase1.pt"),
 }
@@ -493,7 +499,7 @@ def main(cfg: Phase1Config) -> dict:
             ckpt["resume"]["static_position"] = static_stream.position
             save_checkpoint(ckpt, out_path)
             if is_best:
-                save_checkpoint(ckpt, best_path)
+                copy_checkpoint(out_path, best_path)
 
     health = []  # (step, perplexity, utilisation) of every eval after the k-means init, this process
 

@@ -22,7 +22,7 @@ from data_common import parse_data_files, parse_weights
 from lora_adapters import inject_lora, lora_parameters, lora_state_dict, merged_state_dict
 from teacher import Teacher, TeacherError
 from train_common import CommonConfig, LoopState, UserError, opt
-from vqvae_phase1_model import load_checkpoint, model_from_checkpoint, save_checkpoint
+from vqvae_phase1_model import copy_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from vqvae_phase1_train import evaluate_distillation
 from vqvae_phase1a_data_webtext import WEBTEXT_SOURCES, WindowStream, eval_windows, webtext_documents
 from vqvae_phase1b_data_domains import DOMAIN_SOURCES, HUB_DEFAULT, SAMPLE_DEFAULT, domain_documents
@@ -170,7 +170,7 @@ def main(cfg: Phase1bConfig) -> dict:
         ckpt["lora_state_dict"] = lora_state_dict(model)
         save_checkpoint(ckpt, out_path)
         if is_best:
-            save_checkpoint(ckpt, best_path)
+            copy_checkpoint(out_path, best_path)
 
     # 5. train, eval, checkpoint
     model.train()

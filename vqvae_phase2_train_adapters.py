@@ -22,7 +22,8 @@ from data_common import parse_data_files, parse_weights
 from lora_adapters import QueryPassageAdapters
 from teacher import Teacher, TeacherError
 from train_common import CommonConfig, LoopState, UserError, opt
-from vqvae_phase1_model import info_nce, load_checkpoint, model_from_checkpoint, save_checkpoint, spherical_kmeans
+from vqvae_phase1_model import (copy_checkpoint, info_nce, load_checkpoint, model_from_checkpoint, save_checkpoint,
+                                spherical_kmeans)
 from vqvae_phase2_data import HUB_DEFAULT, PAIR_SOURCES, SAMPLE_DEFAULT, PairBatcher, grouped_order, pair_stream
 
 
@@ -327,7 +328,7 @@ def main(cfg: Phase2Config) -> dict:
                 ckpt[key] = parent[key]
         save_checkpoint(ckpt, out_path)
         if is_best:
-            save_checkpoint(ckpt, best_path)
+            copy_checkpoint(out_path, best_path)
 
     # 5. train, eval, checkpoint
     metrics = tc.run_training(cfg, optimizer=optimizer, params=params, train_step=train_step,

@@ -286,3 +286,15 @@ def test_sparse_row_adamw_is_adamw_on_the_rows_a_step_looks_up():
     with pytest.raises(ValueError, match="sparse gradients only"):
         dense.grad = torch.ones_like(dense)
         tc.SparseRowAdamW([dense]).step()
+
+
+def test_the_best_checkpoint_copy_is_atomic_and_keeps_its_content_when_the_latest_is_replaced(tmp_path):
+    from vqvae_phase1_model import copy_checkpoint, load_checkpoint, save_checkpoint
+    latest, best = str(tmp_path / "p.pt"), str(tmp_path / "p_best.pt")
+    save_checkpoint({"format": "kmer-vqvae/1", "step": 1}, latest)
+    copy_checkpoint(latest, best)
+    save_checkpoint({"format": "kmer-vqvae/1", "step": 2}, latest)  # the next save replaces the latest by rename
+    assert load_checkpoint(best)["step"] == 1 and load_checkpoint(latest)["step"] == 2
+    copy_checkpoint(latest, best)  # over an existing best
+    assert load_checkpoint(best)["step"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["p.pt", "p_best.pt"]  # no temporaries left

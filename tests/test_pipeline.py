@@ -235,7 +235,7 @@ def test_phase1a_table_lr_scale_sets_the_kmer_tables_lr(tmp_path, teacher_cache_
     groups = [g for o in opt["optimizers"] for g in o["param_groups"]] if sparse else opt["param_groups"]
     tables = [g for g in groups if g.get("lr_base") == 3.0]
     rest = [g for g in groups if not g.get("lr_base") and not g.get("blocks")]
-    assert len(tables) == 1 and len(rest) == 1 and len(tables[0]["params"]) == 2  # embeddings and bag weights
+    assert len(tables) == 1 and len(rest) == 1 and len(tables[0]["params"]) == 4  # k-mer and word tables, and their bag weights
     assert tables[0]["lr"] == pytest.approx(3.0 * rest[0]["lr"]) and rest[0]["lr"] > 0
 
 

@@ -147,3 +147,80 @@ def test_old_checkpoint_keeps_its_hash(tmp_path):
     ckpt = load_checkpoint(str(tmp_path / "old.pt"))
     assert ckpt["base_config"]["hash_version"] == 1
     assert KmerVQVAE(**ckpt["base_config"]).tokenizer().hash_version == 1
+
+
+def _reference_word_of_kmers(window: str, tok: KmerTokenizer) -> list[str | None]:
+    """Plain-Python statement of the word feature: the word each k-mer's first byte belongs to (a run of
+    ASCII letters and digits and non-ASCII bytes); a k-mer starting on a space or symbol takes the next
+    word of its window, or none."""
+    data = window.encode()
+    is_w = [c >= 0x80 or chr(c).isascii() and chr(c).isalnum() for c in data]
+    words, out = [], []
+    for i, w in enumerate(is_w):  # (start, end) of every word
+        if w and (i == 0 or not is_w[i - 1]):
+            j = i
+            while j < len(data) and is_w[j]:
+                j += 1
+            words.append((i, j))
+    n = max(1, (len(data) - tok.k) // tok.stride + 1)
+    for k in range(min(n, tok.kmers_per_window)):
+        p = k * tok.stride
+        after = [(s, e) for s, e in words if e > p]
+        out.append(data[after[0][0]:after[0][1]].decode("utf-8", "replace") if after else None)
+    return out
+
+
+@pytest.mark.parametrize("text", ["the cat sat, on the mat; the cat!", "x", "...", "a  (b) ü-über naïve 日本 end.",
+                                  "word " * 40])
+def test_word_feature_is_the_word_of_each_kmer(text):
+    tok = KmerTokenizer(window_size=16, kmer_pool=1, kmer_buckets=1 << 18, word_hashes=1)
+    plain = KmerTokenizer(window_size=16, kmer_pool=1, kmer_buckets=1 << 18)
+    b, p = tok([text]), plain([text])
+    assert torch.equal(b["input_ids"][..., :2], p["input_ids"])  # the k-mer ids are unchanged
+    word_ids = b["input_ids"][..., 2]
+    seen = {}  # one id per word, wherever it stands; different words, different ids
+    for row, window in zip(word_ids, b["window_texts"]):
+        ref = _reference_word_of_kmers(window, tok)
+        assert row[len(ref):].eq(0).all()  # padding
+        for word, i in zip(ref, row[:len(ref)].tolist()):
+            if word is None:
+                assert i == 0
+            else:
+                assert i > 0 and seen.setdefault(word, i) == i
+    assert len(set(seen.values())) == len(seen)
+
+
+def test_word_feature_ignores_position_and_bad_settings_raise():
+    tok = KmerTokenizer(window_size=8, kmer_pool=1, kmer_buckets=1 << 18, word_hashes=2)
+    a = tok.encode_windows(["cats"])["input_ids"][0, 0, 2:]
+    b = tok.encode_windows(["a b cats"])["input_ids"][0, 3, 2:]  # " cat" starts on a space: the next word
+    assert torch.equal(a, b) and a[0] != a[1]
+    with pytest.raises(ValueError, match="word_hashes"):
+        KmerTokenizer(num_hashes=3, word_hashes=2)
+    with pytest.raises(ValueError, match="word_hashes"):
+        KmerTokenizer(hash_version=1, word_hashes=1)
+
+
+def test_model_with_word_features_reads_them_and_keeps_them_in_its_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    geometry = dict(d_model=16, n_layers=1, n_heads=2, num_codes=4, kmer_buckets=1 << 12, window_size=8)
+    model = KmerVQVAE(**geometry, word_hashes=1, word_buckets=512).eval()
+    save_checkpoint({"format": "kmer-vqvae/1", "phase": "phase1a", "base_config": model.config_dict(),
+                     "base_model_state_dict": model.state_dict()}, str(tmp_path / "w.pt"))
+    tok = KmerVQVAE(**load_checkpoint(str(tmp_path / "w.pt"))["base_config"]).tokenizer()
+    b = tok(["cats sit", "cats"])
+    assert b["input_ids"].shape[-1] == 3 and b["input_ids"][..., 2].max() < 512
+
+    def z(m, ids):
+        with torch.no_grad():
+            return m.encode(ids, b["attention_mask"], b["text_index"], b["num_texts"])["z_e"]
+
+    plain = KmerVQVAE(**geometry).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)  # the same weights, without the word tables
+    assert torch.allclose(z(model, b["input_ids"]), z(plain, b["input_ids"][..., :2]))  # untrained words add nothing
+    with torch.no_grad():
+        model.encoder.word_embed.weight.normal_(std=0.1)
+        model.encoder.word_weight.weight.normal_()
+    other = b["input_ids"].clone()
+    other[..., 2] = torch.where(other[..., 2] > 0, other[..., 2] % 100 + 1, 0)  # other words, same k-mers
+    assert not torch.allclose(z(model, b["input_ids"]), z(model, other))
