@@ -898,26 +898,35 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _publish(write, tmp: str, path: str) -> None:
+    """write(tmp) a complete file, then rename it onto `path` and fsync the folder; on any failure the
+    temporary goes and `path` keeps what it held."""
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def save_checkpoint(obj: dict, path: str) -> None:
     """Atomic save: temporary file in the same folder, fsync, rename. A crash leaves the old file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=folder)
-    try:
+
+    def write(_):
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _publish(write, tmp, path)
 
 
 def copy_checkpoint(src: str, dst: str) -> None:
@@ -926,22 +935,14 @@ def copy_checkpoint(src: str, dst: str) -> None:
     the next save; a byte copy where the file system has no hard links. Either way no second
     serialisation (~3 s for the demo's 1.1 GB Phase 1a file)."""
     folder = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(folder, f".tmp_{os.path.basename(dst)}link{os.getpid()}")  # as save_checkpoint's, for the cleanup
-    try:
+    tmp = os.path.join(folder, f".tmp_{os.path.basename(dst)}link{os.getpid()}")  # save_checkpoint's prefix: cleaned up
+
+    def write(t):
         try:
-            os.link(src, tmp)
+            os.link(src, t)
         except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+            shutil.copyfile(src, t)
+    _publish(write, tmp, dst)
 
 
 def load_checkpoint(path: str, phases: tuple[str, ...] | None = None, map_location="cpu",
