@@ -402,7 +402,7 @@ class KmerEncoder(nn.Module):
             self.embed.weight[0].zero_()
 
     def kmer_tables(self) -> list[nn.Embedding]:
-        """The tables indexed by k-mer id (the embedding, and the bag path's per-k-mer weights)."""
+        """The tables indexed by hashed id (the k-mer and word embeddings, and the bag path's log-weights)."""
         tables = [self.embed] + ([self.word_embed] if self.cfg.word_hashes else [])
         if self.cfg.bag_path:
             tables += [self.bag_weight] + ([self.word_weight] if self.cfg.word_hashes else [])
