@@ -419,18 +419,19 @@ class KmerEncoder(nn.Module):
         mask = attention_mask.bool()
         Hw = self.cfg.word_hashes
         kmer_ids = input_ids[..., :-Hw] if Hw else input_ids  # the last Hw ids of a k-mer are its word's
+        word_ids = input_ids[..., -Hw:] if Hw else None
         x = self.embed(kmer_ids)  # (B, L, D) or (B, L, H, D)
         if x.dim() == 4:
             x = x.sum(2)  # multi-hash: sum the hash functions' embeddings
         if Hw:
-            x = x + self.word_embed(input_ids[..., -Hw:]).sum(2)
+            x = x + self.word_embed(word_ids).sum(2)
         bag = None
         if self.cfg.bag_path:
             s = self.bag_weight(kmer_ids)  # (B, L, 1) or (B, L, H, 1)
             if s.dim() == 4:
                 s = s.sum(2)
             if Hw:
-                s = s + self.word_weight(input_ids[..., -Hw:]).sum(2)
+                s = s + self.word_weight(word_ids).sum(2)
             w = torch.exp(s.float().clamp(-10, 10)) * mask[..., None]
             bag = (self.ln_bag(x).float() * w).sum(1) / w.sum(1).clamp(min=1e-6)
         P = self.cfg.kmer_pool

@@ -132,7 +132,8 @@ PRESETS = {
     # Each k-mer also looks up its word in a 65,536-row table that starts at zero (2 hashes): over two seeds, exact
     # search and the lists rose on SQuAD, SciTLDR and MedQuAD, for ~20% more Phase 1a time (README "Filter quality").
     "demo": dict(data="sample", d_model=256, n_layers=1, n_heads=4, num_codes=256, kmer_buckets=262144, word_hashes=2,
-                 batch_size=32, static_windows=32, lr=1e-3, table_lr_scale=10.0, sparse_embeddings=True, lexicon_domain_words=20_000,
+                 batch_size=32, static_windows=32, lr=1e-3, table_lr_scale=10.0, sparse_embeddings=True,
+                 lexicon_domain_words=20_000,
                  max_steps=4200, warmup_steps=50, lexicon_steps=1000, bag_steps=3000, vq_warmup_steps=1000,
                  kmeans_samples=6000, eval_every=800, eval_size=500, health_size=12_000, log_every=50,
                  train_windows=8000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
