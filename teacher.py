@@ -150,24 +150,10 @@ class Teacher:
 
     @torch.no_grad()
     def encode_uncached(self, texts: list[str]) -> np.ndarray:
-        """Unit-norm embeddings in the order of `texts`. Texts go in order of length, in batches of at
-        least `batch_size` texts and up to ~512 x `batch_size` characters (at most 16 x `batch_size`
-        texts): lexicon words and queries then go ~1000 at a time, which on a 2-core CPU embeds single
-        words ~2.5x faster than batches of 64 (README "Speed beside quality"), at the same values."""
         self.calls += len(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        budget, cap = 512 * self.batch_size, 16 * self.batch_size
-        i = 0
-        while i < len(order):
-            n = self.batch_size
-            while n < cap and i + n < len(order) and (n + 1) * len(texts[order[i + n]]) <= budget:
-                n += 1
-            rows = order[i:i + n]
-            out[rows] = self.model.encode([texts[r] for r in rows], batch_size=len(rows), convert_to_numpy=True,
-                                          normalize_embeddings=True, show_progress_bar=False)
-            i += n
-        return out
+        emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(emb, dtype=np.float32)
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         """(N, dim) float16 unit-norm embeddings; cached texts cost no teacher work."""
