@@ -117,7 +117,7 @@ PRESETS = {
                  max_tokens_total=0, health_size=64, lexicon_size=300, lexicon_teacher_words=False, lexicon_steps=5,
                  lexicon_batch_size=32, static_windows=8, sparse_embeddings=True,
                  output="runs/tiny/kmer_vqvae_phase1.pt"),
-    # demo: the bundled samples' three web-text sources; 8,000 teacher-labelled windows train the
+    # demo: the bundled samples' three web-text sources; 12,000 teacher-labelled windows train the
     # encoder and the rest of the stream (unlabelled) trains the codebook (README "Codebook health"). 256
     # codes: 64 codebook windows a step then reach each code as often as full's 256 windows reach
     # 1,024 (README "Keeping the codebook healthy after the k-means init")
@@ -131,15 +131,18 @@ PRESETS = {
     # The k-mer tables learn at 10x the lr (1e-2): a row is looked up by few of the steps (README "Filter quality").
     # Each k-mer also looks up its word in a 65,536-row table that starts at zero (2 hashes): over two seeds, exact
     # search and the lists rose on SQuAD, SciTLDR and MedQuAD, for ~20% more Phase 1a time (README "Filter quality").
-    # 1,600 bag steps (3,000 until this round): the held-out cosine peaks ~400 steps after the k-means init and then
-    # falls while the training loss still falls; over two seeds the shorter run is level or better on the
-    # half-whitened lists of all four sets, in 32% less Phase 1a time (README "Adopted: a shorter bag stage").
+    # 1,200 bag steps (1,600 the round before, 3,000 before that): the held-out cosine peaks ~400 steps after the
+    # k-means init and then falls while the training loss still falls, so the init comes at step 1,800 (800
+    # steps of vq warmup), 400 bag steps follow it, then the block's 200 (README "Adopted: a shorter bag stage").
+    # 12,000 labelled windows (8,000 until this round): with this schedule, over two seeds against 8,000 windows
+    # and 2,800 steps, 12 recall cells up measurably and 3 down (all own codes); no half-whitened cell falls
+    # measurably (README "Adopted: 12,000 windows, 2,400 steps").
     "demo": dict(data="sample", d_model=256, n_layers=1, n_heads=4, num_codes=256, kmer_buckets=262144, word_hashes=2,
                  batch_size=32, static_windows=32, lr=1e-3, table_lr_scale=10.0, sparse_embeddings=True,
                  lexicon_domain_words=20_000,
-                 max_steps=2800, warmup_steps=50, lexicon_steps=1000, bag_steps=1600, vq_warmup_steps=1000,
+                 max_steps=2400, warmup_steps=50, lexicon_steps=1000, bag_steps=1200, vq_warmup_steps=800,
                  kmeans_samples=6000, eval_every=800, eval_size=500, health_size=12_000, log_every=50,
-                 train_windows=8000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
+                 train_windows=12000, codebook_windows=64, sources="wikitext=0.15,c4=0.25,wikipedia=0.6",
                  shuffle_buffer=2048, max_tokens_total=0, output="runs/demo/kmer_vqvae_phase1.pt"),
     # full: the demo's recipe at scale (README "Filter quality"; run on a GPU on the bundled data only, README
     # "GPU"): 2,000 word steps, 500 bag steps, then the 4 blocks train; 128 static-target windows beside
