@@ -20,6 +20,7 @@ import numpy as np
 from data_common import Source, held_out, iter_shard, mix, open_sources
 from train_common import UserError
 from vqvae_phase1_model import normalize_text
+from vqvae_phase1b_data_domains import read_arxiv_local
 
 TRAIN_ONLY = {"train": "train", "validation": "train"}  # the Hub pair sets have only train
 
@@ -73,6 +74,12 @@ PAIR_SOURCES: dict[str, tuple[Source, Callable]] = {
     "pubmedqa": (Source("pubmedqa", "", splits=TRAIN_ONLY, columns=("question", "abstract"),
                         sample={"train": "academic/pubmed_train.jsonl.gz", "validation": "academic/pubmed_train.jsonl.gz"}),
                  _pair("question", "abstract")),
+    # title -> abstract: the title states what the abstract is about, in other words (a query type no other source
+    # has: short, descriptive, technical). Passages are the abstract alone, so the title is not a substring of them
+    "arxiv": (Source("arxiv", "gfissore/arxiv-abstracts-2021", splits=TRAIN_ONLY, columns=("title", "abstract"),
+                     local_reader=read_arxiv_local,
+                     sample={"train": "academic/arxiv_train.jsonl.gz", "validation": "academic/arxiv_train.jsonl.gz"}),
+              _pair("title", "abstract")),
 }
 HUB_DEFAULT = "msmarco=0.3,nq=0.2,squad=0.15,hotpotqa=0.1,triviaqa=0.1,eli5=0.15"
 SAMPLE_DEFAULT = "squad=0.5,medquad=0.35,pubmedqa=0.15"

@@ -89,12 +89,17 @@ def test_bundled_samples_load_for_every_phase():
     assert len(list(itertools.islice(domain_documents("sample", "validation", {"arxiv": 1, "hh_rlhf": 1}, cycle=False), 20))) == 20
     pairs = list(itertools.islice(pair_stream("sample", "train", {"squad": 1, "medquad": 1, "pubmedqa": 1}), 50))
     assert len(pairs) == 50 and all(q and p for q, p in pairs)
+    # arXiv title -> abstract: the passage is the abstract alone, not the "title. abstract" text Phase 1b reads
+    abstracts = {r["title"].strip(): r["abstract"].strip()
+                 for r in map(json.loads, gzip.open("data/academic/arxiv_train.jsonl.gz", "rt"))}
+    titles = list(itertools.islice(pair_stream("sample", "train", {"arxiv": 1}, cycle=False), 200))
+    assert len(titles) == 200 and all(q and p == abstracts[q] for q, p in titles)
 
 
 def test_pair_sources_local_hub_schema(tmp_path):
     cols = {"msmarco": ("query", "positive"), "nq": ("query", "answer"), "squad": ("question", "answer"),
             "hotpotqa": ("anchor", "positive"), "triviaqa": ("query", "answer"), "eli5": ("question", "answer"),
-            "medquad": ("question", "answer"), "pubmedqa": ("question", "abstract")}
+            "medquad": ("question", "answer"), "pubmedqa": ("question", "abstract"), "arxiv": ("title", "abstract")}
     assert set(cols) == set(PAIR_SOURCES)
     for name, (qc, pc) in cols.items():
         rows = [{qc: f"question {i}?", pc: f"passage number {i}."} for i in range(40)]
