@@ -12,6 +12,7 @@ never used here.
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from typing import Callable, Iterator
 
@@ -199,3 +200,11 @@ class PairBatcher:
                 break
             self.position += 1
 
+
+def sentence_stream(documents: Iterator[str], min_words: int = 4, max_words: int = 40) -> Iterator[str]:
+    """Documents -> their sentences of `min_words` to `max_words` words (split after . ! or ?): text of a
+    query's length that is not a query, for Phase 2's --identity_weight."""
+    for doc in documents:
+        for sentence in re.split(r"(?<=[.!?])\s+", doc):
+            if min_words <= len(sentence.split()) <= max_words:
+                yield sentence.strip()

@@ -226,6 +226,23 @@ def test_phase2_align_and_code_match_losses():
     assert zq.grad.abs().sum() > 0
 
 
+def test_phase2_identity_loss_and_sentences():
+    """identity: mean |adapted - z|^2 / |z|^2 (0 at the identity, scale-free); the sentences it reads are
+    a document's sentences of 4 to 40 words."""
+    import vqvae_phase2_train_adapters as p2
+    from vqvae_phase2_data import sentence_stream
+    torch.manual_seed(0)
+    z, delta = torch.randn(5, 4), torch.randn(5, 4)
+    want = (delta.pow(2).sum(-1) / z.pow(2).sum(-1)).mean()
+    assert float(p2.identity_loss(z, z + delta)) == pytest.approx(float(want), rel=1e-6)
+    assert float(p2.identity_loss(z, z)) == 0.0
+    assert float(p2.identity_loss(3 * z, 3 * (z + delta))) == pytest.approx(float(want), rel=1e-5)
+    docs = ["Four words right here. Too short now! Is this a question of seven words? " + "x " * 40 + "end.",
+            "Forty words: " + "y " * 37 + "end."]
+    assert list(sentence_stream(iter(docs))) == ["Four words right here.", "Is this a question of seven words?",
+                                                 "Forty words: " + "y " * 37 + "end."]
+
+
 def test_phase2_distillation_losses_and_passage_bank():
     """distill: centred cosine + InfoNCE against the teacher; rank: KL(teacher || model) of softmaxes
     over the bank's passages, zero when the model's cosines are the teacher's; the bank keeps the most

@@ -1,5 +1,6 @@
 """The three phases chained on the bundled samples with tiny configs, the real teacher and real
 `datasets` loaders (offline), wandb disabled."""
+import itertools
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 import vqvae_phase1_train as p1
 import vqvae_phase1b_train_lora as p1b
 import vqvae_phase2_train_adapters as p2
-from lora_adapters import inject_lora
+from lora_adapters import QueryPassageAdapters, inject_lora
 from train_common import UserError, parse_config
 from vqvae_phase1_model import KmerVQVAE, load_checkpoint, load_pretrained, model_from_checkpoint
 
@@ -206,6 +207,34 @@ def test_phase2_passage_and_listwise_distillation_run(chain, teacher_cache_dir):
     with pytest.raises(UserError, match="--train_passage_adapter"):  # without a trainable passage adapter
         p2.main(_cfg(p2, p2.Phase2Config, checkpoint=d / "p1b.pt", output=d / "p2_bad.pt",
                      teacher_cache=teacher_cache_dir, passage_distill_weight=1))
+
+
+def test_phase2_identity_penalty_run(chain, teacher_cache_dir):
+    """--identity_weight in a real Phase 2 run: it trains the query adapter only, logs the penalty, and a
+    large weight keeps the adapter's change to web sentences below an unpenalised run's."""
+    d = chain["dir"]
+    runs = {}
+    for w in (0.0, 100.0):
+        out = d / f"p2_id{int(w)}.pt"
+        r = p2.main(_cfg(p2, p2.Phase2Config, checkpoint=d / "p1b.pt", output=out, teacher_cache=teacher_cache_dir,
+                         identity_weight=w, lr=1e-2))
+        runs[w] = load_checkpoint(str(out))
+    assert runs[100.0]["adapter_state_dict"]["passage.down.weight"].abs().sum() == 0
+    logged = [json.loads(l) for l in open(d / "p2_id100_run" / "metrics.jsonl")]
+    assert any("identity" in r for r in logged if r.get("kind") == "train")
+    model = model_from_checkpoint(runs[0.0]).eval()
+    enc = p2.FrozenEncoder(model, torch.device("cpu"))
+    from vqvae_phase1a_data_webtext import webtext_documents
+    from vqvae_phase2_data import sentence_stream
+    texts = list(itertools.islice(sentence_stream(webtext_documents("sample", "validation", {"wikipedia": 1},
+                                                                    cycle=False)), 32))
+    z = enc(texts)
+    change = {}
+    for w, ckpt in runs.items():
+        adapters = QueryPassageAdapters.from_checkpoint(ckpt).eval()
+        with torch.no_grad():
+            change[w] = float(p2.identity_loss(z, adapters(z, "query")))
+    assert change[100.0] < change[0.0]
 
 
 def test_phase2_hard_negative_groups(chain, teacher_cache_dir):
