@@ -83,7 +83,7 @@ PRESETS = {
     # --identity_weight 30 (this round): web sentences through the query adapter must come out as they went in, so
     # it learns what the pairs' questions need and leaves other text alone. On the demo's Phase 1b, against the
     # same objective without it: SciTLDR (no phase trains on it) up in 9 of 10 cells, SQuAD in 8, CISI
-    # half-whitened at 5% +0.025; MedQuAD uncentred at 5% -0.033 (README "Adopted: the identity penalty")
+    # half-whitened at 5% +0.025; MedQuAD uncentred at 5% -0.033 (README "Adopted: the identity penalty in Phase 2")
     "demo": dict(data="sample", batch_size=64, lr=1e-4, max_steps=300, warmup_steps=20, eval_every=100, eval_size=512,
                  train_pairs=4000, query_distill_weight=0.0, pair_groups=62, identity_weight=30.0,
                  checkpoint="runs/demo/kmer_vqvae_phase1b_lora.pt", output="runs/demo/kmer_vqvae_phase2_aligned.pt"),
