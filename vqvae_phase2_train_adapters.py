@@ -11,6 +11,7 @@ match and positive similarity at a fixed eval batch size, beside the teacher's o
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -257,7 +258,7 @@ def main(cfg: Phase2Config) -> dict:
         raise UserError("--passage_distill_weight trains the passage adapter: add --train_passage_adapter")
     if cfg.rank_distill_weight > 0 and cfg.train_passage_adapter:
         raise UserError("--rank_distill_weight ranks frozen passages: drop --train_passage_adapter")
-    sentences = None
+    sentences, sentences_drawn = None, [0]
     if cfg.identity_weight > 0:  # web text a query adapter should leave alone
         sentences = sentence_stream(webtext_documents(cfg.data, "train", parse_weights(cfg.identity_sources,
                                                                                        WEBTEXT_SOURCES),
@@ -291,6 +292,9 @@ def main(cfg: Phase2Config) -> dict:
         drawn = ckpt["resume"].get("batches_drawn")  # older checkpoints: the pair position only
         state = tc.resume_state(ckpt, optimizer, batches.skip if drawn is None else
                                 lambda _: batches.skip_batches(drawn))
+        sentences_drawn[0] = ckpt["resume"].get("sentences_drawn", 0)
+        if sentences is not None:  # the identity penalty's sentences go on where the killed run stopped
+            sentences = itertools.islice(sentences, sentences_drawn[0], None)
     train_adapters = torch.nn.parallel.DistributedDataParallel(adapters) if world > 1 else adapters
     logger = tc.RunLogger(cfg, run_dir, "phase2", rank, resumed_step=state.step)
     before = evaluate_pairs(model, adapters, enc, held, cfg.eval_batch_size, teacher_emb)
@@ -331,6 +335,7 @@ def main(cfg: Phase2Config) -> dict:
             logs["align"] = float(align.detach())
         if sentences is not None:
             z = enc([next(sentences) for _ in batch])
+            sentences_drawn[0] += len(batch)
             ident = identity_loss(z, train_adapters(z, "query"))
             loss = loss + cfg.identity_weight * ident
             logs["identity"] = float(ident.detach())
@@ -349,6 +354,7 @@ def main(cfg: Phase2Config) -> dict:
         ckpt = tc.base_checkpoint("phase2", cfg, parent["base_config"], parent["base_model_state_dict"], st,
                                   {**metrics, "before": before}, tc.parent_record(cfg.checkpoint), optimizer)
         ckpt["resume"]["batches_drawn"] = batches.batches
+        ckpt["resume"]["sentences_drawn"] = sentences_drawn[0]
         ckpt["adapter_config"] = dict(adapters.config)
         ckpt["adapter_state_dict"] = {k: v.detach().clone() for k, v in adapters.state_dict().items()}
         for key in ("lora_config", "lora_state_dict"):

@@ -205,8 +205,9 @@ def test_phase2_kill_9_then_resume_gives_the_same_adapters(tmp_path, teacher_cac
     ck1 = _tiny_phase1(tmp_path, teacher_cache_dir)
     cmd = [sys.executable, "vqvae_phase2_train_adapters.py", "--preset", "tiny", "--checkpoint", str(ck1),
            "--teacher_cache", teacher_cache_dir, "--max_steps", "400", "--eval_every", "5", "--eval_size", "16",
-           "--train_pairs", "40"]
+           "--train_pairs", "40", "--identity_weight", "1"]  # the identity penalty's sentences resume too
     a, b = _straight_then_killed_and_resumed(tmp_path, cmd, 20, 380, 400)
+    assert a["resume"]["sentences_drawn"] == b["resume"]["sentences_drawn"] > 0
     for k in b["adapter_state_dict"]:  # equal up to float rounding: the resumed run encodes the frozen base's
         # texts in other batch shapes (its cache starts empty), which moves the last bits, never more
         assert torch.allclose(a["adapter_state_dict"][k], b["adapter_state_dict"][k], rtol=0, atol=2e-5), \
