@@ -112,7 +112,8 @@ def summary(r1, r1b, r2, evals, minutes, name: str = "demo") -> str:
         f"| 1a | mean-embedding baseline cosine | {m1['cos_mean_baseline']:.3f} |",
         f"| 1a | code perplexity / utilisation / dead ({m1['n']} held-out windows) | "
         f"{m1['perplexity']:.0f} / {m1['utilisation']:.1%} / {m1['dead_codes']} |",
-        f"| 1a | lowest perplexity / utilisation over its {len(h1)} eval{'s' if len(h1) != 1 else ''} after the k-means init | "
+        f"| 1a | lowest perplexity / utilisation over its {len(h1)} eval{'s' if len(h1) != 1 else ''} after the "
+        "k-means init | "
         + (f"{min(h[1] for h in h1):.0f} / {min(h[2] for h in h1):.1%} |" if h1 else "none |"),
         f"| 1b | domain cosine (q) before -> after | {b1b['domain_cos_q']:.3f} -> {m1b['domain_cos_q']:.3f} |",
         f"| 1b | web cosine (q) before -> after | {b1b['web_cos_q']:.3f} -> {m1b['web_cos_q']:.3f} |",

@@ -176,13 +176,20 @@ class FrozenEncoder:
         self.max_cache = max_cache
 
     @torch.no_grad()
-    def __call__(self, texts: list[str]) -> torch.Tensor:
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        b = self.tok(texts)
+        with tc.autocast(self.device):
+            return self.model.encode_windows(b["input_ids"].to(self.device), b["attention_mask"].to(self.device),
+                                             b["text_index"].to(self.device), b["num_texts"]).float()
+
+    def __call__(self, texts: list[str], cache: bool = True) -> torch.Tensor:
+        """`cache=False` for texts seen once (the identity penalty's sentences): they would only push the
+        pairs' texts out of the cache."""
+        if not cache:
+            return self.encode(texts)
         missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
         if missing:
-            b = self.tok(missing)
-            with tc.autocast(self.device):
-                z = self.model.encode_windows(b["input_ids"].to(self.device), b["attention_mask"].to(self.device),
-                                              b["text_index"].to(self.device), b["num_texts"]).float()
+            z = self.encode(missing)
             if len(self.cache) + len(missing) > self.max_cache:
                 self.cache.clear()
             self.cache.update(zip(missing, z))
@@ -334,7 +341,7 @@ def main(cfg: Phase2Config) -> dict:
             loss = loss + cfg.align_weight * align
             logs["align"] = float(align.detach())
         if sentences is not None:
-            z = enc([next(sentences) for _ in batch])
+            z = enc([next(sentences) for _ in batch], cache=False)
             sentences_drawn[0] += len(batch)
             ident = identity_loss(z, train_adapters(z, "query"))
             loss = loss + cfg.identity_weight * ident
