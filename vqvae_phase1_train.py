@@ -360,7 +360,8 @@ def main(cfg: Phase1Config) -> dict:
     stream = WindowStream(lambda: docs("train", cfg.train_windows == 0), tok, seed=cfg.seed,
                           shuffle_buffer=cfg.shuffle_buffer, pool_size=cfg.train_windows)
     try:
-        teacher = Teacher.load(cfg.teacher, str(device), cfg.teacher_cache or None, cfg.teacher_batch_size)
+        teacher = Teacher.load(cfg.teacher, str(device), cfg.teacher_cache or None, cfg.teacher_batch_size,
+                               cfg.teacher_precision)
     except TeacherError as e:
         raise UserError(str(e)) from None
     held_targets = teacher.embed(held_out)

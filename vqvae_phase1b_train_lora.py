@@ -96,7 +96,8 @@ def main(cfg: Phase1bConfig) -> dict:
     tok = model.tokenizer()
     trainable, total = tc.count_params(model)
     try:
-        teacher = Teacher.load(cfg.teacher, str(device), cfg.teacher_cache or None, cfg.teacher_batch_size)
+        teacher = Teacher.load(cfg.teacher, str(device), cfg.teacher_cache or None, cfg.teacher_batch_size,
+                               cfg.teacher_precision)
     except TeacherError as e:
         raise UserError(str(e)) from None
     n_eval = max(cfg.eval_size, cfg.health_size)

@@ -275,7 +275,8 @@ def main(cfg: Phase2Config) -> dict:
     if (cfg.teacher_compare and rank == 0) or any(w > 0 for w in (cfg.query_distill_weight, cfg.passage_distill_weight,
                                                                   cfg.rank_distill_weight)):
         try:
-            teacher = Teacher.load(cfg.teacher, str(device), cfg.teacher_cache or None, cfg.teacher_batch_size)
+            teacher = Teacher.load(cfg.teacher, str(device), cfg.teacher_cache or None, cfg.teacher_batch_size,
+                                   cfg.teacher_precision)
         except TeacherError as e:
             raise UserError(str(e)) from None
         teacher_emb = (teacher.embed([q for q, _ in held]), teacher.embed([p for _, p in held]))
