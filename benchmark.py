@@ -42,17 +42,6 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-class _Autocast:
-    """A filter whose encode runs under CPU bf16 autocast."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def encode(self, items, **kw):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.f.encode(items, **kw)
-
-
 def texts(n: int):
     rows = [json.loads(l) for l in gzip.open(os.path.join(tc.REPO, "data", "pairs", "squad_dev.jsonl.gz"), "rt")]
     queries = [r["question"] for r in rows][:n]
@@ -102,7 +91,7 @@ def main():
     ap.add_argument("--output", default="", help="also write the numbers as JSON here")
     ap.add_argument("--teacher", default="", help="teacher path or Hub name (default: as the training scripts)")
     ap.add_argument("--teacher_precision", default="auto", choices=("auto", "fp32", "bf16"),
-                    help="as the scripts: auto = bf16 where the hardware has it (README 'A bf16 teacher')")
+                    help="as the scripts: auto = bf16 where the hardware has it (README 'Adopted: a bf16 teacher')")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -131,7 +120,7 @@ def main():
     if device.type == "cpu":
         variants.append((", int8 Linear layers", f.inference_variant(int8=True)))
         if native_bf16("cpu"):  # the student under the same bf16 autocast as the teacher (speed only)
-            variants.append((", bf16 autocast", _Autocast(f)))
+            variants.append((", bf16 autocast", f.inference_variant(bf16=True)))
     if f.model.config.bag_path:
         variants.append((", bag only (no blocks)", f.inference_variant(bag_only=True)))
         if device.type == "cpu":

@@ -266,7 +266,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--teacher", default="")
     ap.add_argument("--teacher_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher"))
     ap.add_argument("--teacher_precision", default="auto", choices=("auto", "fp32", "bf16"),
-                    help="auto: bf16 where the hardware has it, else fp32 (README 'A bf16 teacher')")
+                    help="auto: bf16 where the hardware has it, else fp32 (README 'Adopted: a bf16 teacher')")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no_model2vec", action="store_true", help="skip the Model2Vec + IVF peer")
@@ -285,6 +285,8 @@ def main(argv=None) -> dict:
                                                        "layer (CPU; the report's name gets _int8)")
     ap.add_argument("--bag_only", action="store_true", help="encode with the weighted bag alone, skipping the "
                                                            "transformer blocks (bag_path checkpoints; name gets _bag)")
+    ap.add_argument("--bf16", action="store_true", help="encode the k-mer model under bf16 autocast (fast where the "
+                                                       "hardware multiplies bf16; the report's name gets _bf16)")
     args = ap.parse_args(argv)
     try:
         return run(args)
@@ -316,9 +318,9 @@ def run(args) -> dict:
         filt = load_pretrained(args.checkpoint)
     except CheckpointError as e:
         raise UserError(str(e)) from None
-    if args.int8 or args.bag_only:
+    if args.int8 or args.bag_only or args.bf16:
         try:
-            filt = filt.inference_variant(int8=args.int8, bag_only=args.bag_only)
+            filt = filt.inference_variant(int8=args.int8, bag_only=args.bag_only, bf16=args.bf16)
         except ValueError as e:
             raise UserError(str(e)) from None
     K = filt.model.config.num_codes
@@ -389,14 +391,14 @@ def run(args) -> dict:
     out_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out_dir, exist_ok=True)
     report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "int8": args.int8,
-              "bag_only": args.bag_only, "lists": L, "passages": len(docs),
+              "bag_only": args.bag_only, "bf16": args.bf16, "lists": L, "passages": len(docs),
               "query_set": hashlib.sha1("\n".join(map(str, qids)).encode()).hexdigest(),
               "queries": len(queries), "methods": results,
               "passages_per_s": speed, "two_stage_recall_at_10": report_two_stage, **extra}
     # named by checkpoint and dataset: evaluations of different checkpoints or sets never overwrite each other
     name = args.dataset if args.dataset != "beir" else os.path.basename(os.path.normpath(args.beir_dir))
     stem = (os.path.splitext(os.path.basename(args.checkpoint))[0] + "_int8" * args.int8 + "_bag" * args.bag_only
-            + (f"_lists{L}" if L != K else ""))
+            + "_bf16" * args.bf16 + (f"_lists{L}" if L != K else ""))
     json_path = os.path.join(out_dir, f"{stem}_{name}_filter_eval.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)

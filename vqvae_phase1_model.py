@@ -1002,13 +1002,17 @@ class KmerFilter:
     def __init__(self, model: KmerVQVAE, adapters=None, checkpoint: dict | None = None):
         self.model, self.adapters = model.eval(), adapters
         self.tokenizer = model.tokenizer()
+        self.bf16 = False  # encode under bf16 autocast (inference_variant(bf16=True))
         self.checkpoint = checkpoint or {}
 
-    def inference_variant(self, int8: bool = False, bag_only: bool = False) -> "KmerFilter":
+    def inference_variant(self, int8: bool = False, bag_only: bool = False, bf16: bool = False) -> "KmerFilter":
         """A copy for faster inference, measured in benchmark.py and eval_filter.py: `int8` runs every
         Linear layer with int8 dynamic quantisation (CPU only); `bag_only` skips the transformer blocks
         and returns the weighted bag (needs `bag_path`; Phase 1b's LoRA lives in the blocks, so it is
-        skipped too)."""
+        skipped too); `bf16` encodes under bf16 autocast (fast where the hardware multiplies bf16,
+        README "Adopted: a bf16 teacher")."""
+        if int8 and bf16:
+            raise ValueError("choose int8 or bf16, not both")
         model, adapters = copy.deepcopy(self.model), copy.deepcopy(self.adapters)
         if bag_only:
             if not model.config.bag_path:
@@ -1023,7 +1027,9 @@ class KmerFilter:
                 model = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
                 if adapters is not None:
                     adapters = quantize_dynamic(adapters, {nn.Linear}, dtype=torch.qint8)
-        return KmerFilter(model, adapters, self.checkpoint)
+        variant = KmerFilter(model, adapters, self.checkpoint)
+        variant.bf16 = bf16
+        return variant
 
     @torch.no_grad()
     def encode(self, texts: list[str], role: str | None = None, top_n: int = 1, batch_size: int = 256) -> dict:
@@ -1033,9 +1039,10 @@ class KmerFilter:
         parts = []
         for i in range(0, len(texts), batch_size):
             b = self.tokenizer(texts[i:i + batch_size])
-            out = self.model.encode(b["input_ids"].to(device), b["attention_mask"].to(device),
-                                    b["text_index"].to(device), b["num_texts"], adapter=adapter,
-                                    role=role, top_n=top_n)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out = self.model.encode(b["input_ids"].to(device), b["attention_mask"].to(device),
+                                        b["text_index"].to(device), b["num_texts"], adapter=adapter,
+                                        role=role, top_n=top_n)
             parts.append({k: out[k].float().cpu() if out[k].is_floating_point() else out[k].cpu()
                           for k in ("z_e", "z_code", "z_code_raw", "indices", "top_indices")})
         if not parts:

@@ -200,8 +200,8 @@ def test_bag_path_is_the_weighted_mean_of_normalised_kmer_embeddings_plus_the_bl
         assert not hasattr(plain.encoder, "bag_weight") and hasattr(plain.encoder, "ln_f")
 
 
-def test_inference_variants_int8_and_bag_only(tiny_config):
-    """int8 stays close to float and leaves the original alone; bag_only is exactly the weighted bag."""
+def test_inference_variants_int8_bag_only_and_bf16(tiny_config):
+    """int8 and bf16 stay close to float and leave the original alone; bag_only is exactly the weighted bag."""
     from lora_adapters import QueryPassageAdapters
     from vqvae_phase1_model import KmerFilter
     torch.manual_seed(0)
@@ -232,3 +232,10 @@ def test_inference_variants_int8_and_bag_only(tiny_config):
     assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, ref["z_e"], atol=1e-3)
     with pytest.raises(ValueError, match="bag_path"):
         KmerFilter(KmerVQVAE(**{**tiny_config, "bag_path": False})).inference_variant(bag_only=True)
+    half = f.inference_variant(bf16=True)  # bf16 autocast: close to fp32, but it did run in bf16
+    qh = half.encode(texts, role="query")
+    assert qh["z_e"].dtype == torch.float32 and F.cosine_similarity(qh["z_e"], ref["z_e"]).min() > 0.99
+    assert not torch.equal(qh["z_e"], ref["z_e"])
+    assert not f.bf16 and torch.equal(f.encode(texts, role="query")["z_e"], ref["z_e"])  # the original stays fp32
+    with pytest.raises(ValueError, match="int8 or bf16"):
+        f.inference_variant(int8=True, bf16=True)
