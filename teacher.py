@@ -4,8 +4,8 @@
     t = Teacher.load(device="cpu")                 # --teacher, else HF cache, else the PyPI copy
     emb = t.embed(["a window of text", ...])       # (N, 384) float16, unit norm, cached on disk
 
-Precision (README "A bf16 teacher"): "auto" runs the teacher under bf16 autocast where the hardware
-does bf16 matmuls (CUDA with bf16; a CPU with AVX512-BF16 or AMX), else in fp32. The bf16 embeddings
+Precision (README "Adopted: a bf16 teacher"): "auto" runs the teacher under bf16 autocast where the
+hardware does bf16 matmuls (CUDA with bf16; a CPU with AVX512-BF16 or AMX), else in fp32. The bf16 embeddings
 are kept in their own cache folder, so the two never mix.
 
 Resolution order (DESIGN §7): an explicit path or Hub name; else the local Hugging Face cache;

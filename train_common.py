@@ -63,8 +63,8 @@ class CommonConfig:
     teacher_cache: str = opt(os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher"),
                              "teacher embedding cache folder ('' = no cache)")
     teacher_batch_size: int = opt(64, "teacher batch size", min=1)
-    teacher_precision: str = opt("auto", "teacher matmuls: auto = bf16 where the hardware has it (README 'A bf16 "
-                                 "teacher'), else fp32", choices=("auto", "fp32", "bf16"))
+    teacher_precision: str = opt("auto", "teacher matmuls: auto = bf16 where the hardware has it (README 'Adopted: "
+                                 "a bf16 teacher'), else fp32", choices=("auto", "fp32", "bf16"))
     wandb_mode: str = opt("disabled", "wandb logging", choices=("online", "offline", "disabled"))
     wandb_project: str = opt("kmer-vqvae", "wandb project")
     compile: bool = opt(False, "torch.compile the encoder (helps on GPU, slower on small CPUs)")
