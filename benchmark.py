@@ -25,7 +25,7 @@ import torch
 
 import train_common as tc
 from lora_adapters import QueryPassageAdapters, inject_lora
-from teacher import Teacher, native_bf16
+from teacher import PRECISIONS, Teacher, native_bf16
 from vqvae_phase1_model import KmerFilter, KmerVQVAE, load_pretrained
 
 
@@ -90,7 +90,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile the k-mer encoder")
     ap.add_argument("--output", default="", help="also write the numbers as JSON here")
     ap.add_argument("--teacher", default="", help="teacher path or Hub name (default: as the training scripts)")
-    ap.add_argument("--teacher_precision", default="auto", choices=("auto", "fp32", "bf16"),
+    ap.add_argument("--teacher_precision", default="auto", choices=PRECISIONS,
                     help="as the scripts: auto = bf16 where the hardware has it (README 'Adopted: a bf16 teacher')")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from kmer_index import DEFAULT_WHITEN, inverted_lists, probe_lists, routed, routing_transform
+from teacher import PRECISIONS
 from train_common import REPO, UserError
 
 FRACTIONS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -265,7 +266,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--output_dir", default="", help="default: the checkpoint's folder")
     ap.add_argument("--teacher", default="")
     ap.add_argument("--teacher_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher"))
-    ap.add_argument("--teacher_precision", default="auto", choices=("auto", "fp32", "bf16"),
+    ap.add_argument("--teacher_precision", default="auto", choices=PRECISIONS,
                     help="auto: bf16 where the hardware has it, else fp32 (README 'Adopted: a bf16 teacher')")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)

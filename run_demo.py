@@ -1,6 +1,6 @@
 """The whole pipeline on the bundled samples, on CPU, offline: Phase 1a -> 1b -> 2 -> filter eval.
 
-    python run_demo.py                      # writes runs/demo/, ~15 minutes cold on a 2-core CPU
+    python run_demo.py                      # writes runs/demo/, ~12 minutes cold on a 2-core CPU
     python run_demo.py --preset cpu         # the longer CPU recipe: writes runs/cpu/ (README "The CPU recipe")
     python run_demo.py --run_dir runs/x --quick     # a shortened chain (what the tests run)
 

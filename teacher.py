@@ -166,7 +166,7 @@ class Teacher:
     @classmethod
     def load(cls, spec: str = "", device: str = "cpu", cache_dir: str | None = DEFAULT_CACHE,
              batch_size: int = 64, precision: str = "auto") -> "Teacher":
-        resolve_precision(precision, device)  # a bad value fails before the model loads
+        precision = resolve_precision(precision, device)  # a bad value fails before the model loads
         target, fingerprint, local_only = resolve_teacher(spec)
         try:
             from sentence_transformers import SentenceTransformer

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from teacher import PRECISIONS
 from vqvae_phase1_model import CHECKPOINT_FORMAT, CheckpointError, file_sha256, on_every_rank
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -64,7 +65,7 @@ class CommonConfig:
                              "teacher embedding cache folder ('' = no cache)")
     teacher_batch_size: int = opt(64, "teacher batch size", min=1)
     teacher_precision: str = opt("auto", "teacher matmuls: auto = bf16 where the hardware has it (README 'Adopted: "
-                                 "a bf16 teacher'), else fp32", choices=("auto", "fp32", "bf16"))
+                                 "a bf16 teacher'), else fp32", choices=PRECISIONS)
     wandb_mode: str = opt("disabled", "wandb logging", choices=("online", "offline", "disabled"))
     wandb_project: str = opt("kmer-vqvae", "wandb project")
     compile: bool = opt(False, "torch.compile the encoder (helps on GPU, slower on small CPUs)")
