@@ -12,6 +12,13 @@ from train_common import parse_config
 from vqvae_phase1_model import load_checkpoint, load_pretrained, save_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def fp32_indexes(monkeypatch):
+    """Indexes build in fp32 here, as KmerFilter.encode runs, which the tests compare them with; the bf16
+    test asks for each precision by name."""
+    monkeypatch.setattr(kmer_index, "DEFAULT_PRECISION", "fp32")
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, teacher_cache_dir):
     d = tmp_path_factory.mktemp("index")
@@ -60,6 +67,26 @@ def test_round_trip_equals_in_memory_and_append_equals_build_at_once(ckpt, tmp_p
     assert all(h["fraction_kept"] >= 0.25 for h in budget)
     assert set(os.listdir(tmp_path / "i1")) >= {"index.json", "codes.npy", "centroids.npy", "ids.json",
                                                  "sources.npy", "list_offsets.npy", "list_members.npy"}
+
+
+def test_bf16_index_records_its_precision_and_routes_like_fp32(ckpt, tmp_path, monkeypatch):
+    a = _corpus(tmp_path / "a.jsonl", TEXTS)
+    idx = {p: kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / p),
+                               "--num_lists", "4", "--precision", p]) for p in ("fp32", "bf16")}
+    assert [idx[p].meta["precision"] for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    assert not np.array_equal(idx["fp32"].centroids, idx["bf16"].centroids)  # autocast really ran ...
+    assert np.abs(idx["fp32"].centroids - idx["bf16"].centroids).max() < 0.05  # ... and moved the lists little
+    assert (idx["fp32"].codes == idx["bf16"].codes).mean() >= 0.9
+    # a query defaults to the precision the index was built with
+    seen = []
+    real = kmer_index.encode_vectors
+    monkeypatch.setattr(kmer_index, "encode_vectors", lambda f, *a, **k: (seen.append(f.bf16), real(f, *a, **k))[1])
+    for p in ("fp32", "bf16"):
+        kmer_index.main(["query", "--index", str(tmp_path / p), "--query", "rivers"])
+    kmer_index.main(["query", "--index", str(tmp_path / "bf16"), "--query", "rivers", "--precision", "fp32"])
+    assert seen == [False, True, False]
+    kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "bf16"), "--append"])
+    assert kmer_index.Index.load(str(tmp_path / "bf16")).meta["precision"] == "bf16"  # appended as it was built
 
 
 def test_corpus_lists_and_rerank_text_lookup(ckpt, tmp_path):
