@@ -125,6 +125,8 @@ def main():
         variants.append((", bag only (no blocks)", f.inference_variant(bag_only=True)))
         if device.type == "cpu":
             variants.append((", bag only + int8", f.inference_variant(int8=True, bag_only=True)))
+            if native_bf16("cpu"):  # what `kmer_index.py build --encoder bag` does here by default
+                variants.append((", bag only + bf16 autocast", f.inference_variant(bag_only=True, bf16=True)))
     for name, items in (("encode ~40-char queries", queries), ("encode ~400-char passages", passages)):
         t_t = timed(lambda: teacher.encode_uncached(items), args.repeats)
         for suffix, g in variants:

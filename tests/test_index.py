@@ -89,6 +89,42 @@ def test_bf16_index_records_its_precision_and_routes_like_fp32(ckpt, tmp_path, m
     assert kmer_index.Index.load(str(tmp_path / "bf16")).meta["precision"] == "bf16"  # appended as it was built
 
 
+def test_bag_encoder_routes_the_bag_and_queries_and_append_follow_the_index(ckpt, tmp_path, monkeypatch, capsys):
+    a = _corpus(tmp_path / "a.jsonl", TEXTS)
+    bag = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "bag"),
+                           "--num_lists", "4", "--encoder", "bag"])
+    assert bag.meta["encoder"] == "bag"
+    filt = load_pretrained(str(ckpt))
+    v_bag = kmer_index.encode_vectors(filt.inference_variant(bag_only=True), TEXTS, "passage")
+    assert not np.allclose(v_bag, kmer_index.encode_vectors(filt, TEXTS, "passage"), atol=1e-3)  # blocks matter
+    # every passage sits in the list its bag vector routes to (through the index's own centre and transform)
+    routed = kmer_index.routed(v_bag, bag.center, bag.transform)
+    assert np.array_equal(bag.codes, (routed @ bag.centroids.T).argmax(1))
+    seen = []  # does each encode skip the blocks?
+    real = kmer_index.encode_vectors
+    monkeypatch.setattr(kmer_index, "encode_vectors",
+                        lambda f, *a, **k: (seen.append(f.model.encoder.bypass_blocks), real(f, *a, **k))[1])
+    kmer_index.main(["query", "--index", str(tmp_path / "bag"), "--query", "rivers"])
+    kmer_index.main(["query", "--index", str(tmp_path / "bag"), "--query", "rivers", "--encoder", "full"])
+    kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "bag"), "--append"])
+    assert seen == [True, False, True]
+    assert kmer_index.Index.load(str(tmp_path / "bag")).meta["encoder"] == "bag"  # appended as it was built
+    # a checkpoint without the bag path: one clear line
+    import vqvae_phase1_model
+
+    def no_bag(path, real_load=vqvae_phase1_model.load_pretrained):
+        f = real_load(path)
+        f.model.config.bag_path = False
+        return f
+    monkeypatch.setattr(vqvae_phase1_model, "load_pretrained", no_bag)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "nb"),
+                         "--encoder", "bag"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--encoder bag" in err and "bag_path" in err
+
+
 def test_corpus_lists_and_rerank_text_lookup(ckpt, tmp_path):
     a = _corpus(tmp_path / "a.jsonl", TEXTS)
     index = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "i"),
