@@ -126,6 +126,28 @@ def lists_row(code_of_doc: np.ndarray, probe_order: np.ndarray, K: int, rel_docs
             "per_query": queries}
 
 
+def seeded_lists_row(fit, seeds, rel_docs) -> tuple[dict, tuple]:
+    """lists_row over several k-means draws: `fit(seed)` -> (doc list, probe order, lists). With more than one
+    seed the recall curve, n-probe table, perplexity and each query's recall are means over the draws, and
+    `per_seed` keeps each draw's curve (README "Filter evaluation": the draw moves recall at 1% by ~0.02).
+    -> (row, the first seed's fit)."""
+    fits = [fit(s) for s in seeds]
+    rows = [lists_row(c, o, k, rel_docs) for c, o, k in fits]
+    if len(rows) == 1:
+        return rows[0], fits[0]
+    mean = lambda xs: float(np.mean(xs))
+    row = {"recall_at_fraction": {f: mean([r["recall_at_fraction"][f] for r in rows]) for f in rows[0]["recall_at_fraction"]},
+           "n_probe": [{"n_probe": first["n_probe"],
+                        "fraction_kept": mean([r["n_probe"][i]["fraction_kept"] for r in rows]),
+                        "recall": mean([r["n_probe"][i]["recall"] for r in rows])}
+                       for i, first in enumerate(rows[0]["n_probe"])],
+           "perplexity": mean([r["perplexity"] for r in rows]), "codes": rows[0]["codes"],
+           "per_query": {f: [round(mean(v), 4) for v in zip(*(r["per_query"][f] for r in rows))]
+                         for f in rows[0]["per_query"]},
+           "seeds": list(seeds), "per_seed": [r["recall_at_fraction"] for r in rows]}
+    return row, fits[0]
+
+
 def exact_row(q_emb: np.ndarray, d_emb: np.ndarray, rel_docs, fractions=FRACTIONS) -> dict:
     """Exact top-k at the same budgets (fractional k counted by expected share): the mean recall curve
     and per-query recall at the PAIRED fractions."""
@@ -282,6 +304,11 @@ def main(argv=None) -> dict:
                     help="lists of every IVF fitted to the corpus (teacher, Model2Vec, the model's vectors) and of "
                          "the random codes, as `kmer_index.py build --num_lists`; default: the checkpoint's codes. "
                          "The own-codes row keeps the model's codebook; the report's name gets _lists<N>")
+    ap.add_argument("--list_seeds", type=int, default=1,
+                    help="fit every corpus IVF row (teacher, Model2Vec, the model's vectors) with this many k-means "
+                         "seeds (--seed, --seed+1, ...) and report the mean, each query's recall averaged, so "
+                         "compare_evals.py pairs averages (README 'Filter evaluation': one draw moves recall at 1% "
+                         "by ~0.02); the report's name gets _seeds<N>")
     ap.add_argument("--int8", action="store_true", help="encode with int8 dynamic quantisation of every Linear "
                                                        "layer (CPU; the report's name gets _int8)")
     ap.add_argument("--bag_only", action="store_true", help="encode with the weighted bag alone, skipping the "
@@ -329,6 +356,8 @@ def run(args) -> dict:
         raise UserError(f"--num_lists {args.num_lists}: give a number of lists >= 1, or 0 for the checkpoint's "
                         f"{K} codes")
     L = args.num_lists or K  # lists of the corpus-fitted IVFs and the random codes
+    if args.list_seeds < 1:
+        raise UserError(f"--list_seeds {args.list_seeds}: give 1 or more k-means draws")
     t0 = time.time()
     p_out = filt.encode(docs, role="passage")
     student_pps = len(docs) / (time.time() - t0)
@@ -349,8 +378,8 @@ def run(args) -> dict:
     d_emb = teacher.embed(docs).float().numpy()
     q_emb = teacher.embed(queries).float().numpy()
     teacher.flush()
-    ivf_code, ivf_order, k_ivf = ivf_on_teacher(d_emb, q_emb, L, args.seed)
-    results["ivf_teacher"] = lists_row(ivf_code, ivf_order, k_ivf, rel_docs)
+    seeds = range(args.seed, args.seed + args.list_seeds)  # k-means draws of every corpus-fitted IVF row
+    results["ivf_teacher"] = seeded_lists_row(lambda s: ivf_on_teacher(d_emb, q_emb, L, s), seeds, rel_docs)[0]
     speed = {"kmer_vqvae": student_pps, "teacher": teacher_pps, "ratio": student_pps / teacher_pps,
              "teacher_precision": teacher.precision}
     # the cheap-encoder peer: Model2Vec from the same teacher + IVF with the same number of lists
@@ -364,16 +393,18 @@ def run(args) -> dict:
         speed["ratio_vs_model2vec"] = student_pps / speed["model2vec"]
         m_queries = m2v.encode(queries)
         for key, center, whiten in ROUTINGS:
-            m_code, m_order, k_m = kmeans_lists(m_docs, m_queries, L, args.seed, center, whiten)
-            results["model2vec" + key] = lists_row(m_code, m_order, k_m, rel_docs)
+            results["model2vec" + key] = seeded_lists_row(
+                lambda s: kmeans_lists(m_docs, m_queries, L, s, center, whiten), seeds, rel_docs)[0]
     # the model's vectors with lists fitted to this corpus, exactly as the peers' IVF is built (what
     # `kmer_index.py --lists corpus` does); then where recall is lost: exact search on the model's own
     # code-space vectors, and teacher queries against its decoded passages (teacher space)
     p_raw, q_raw = p_out["z_code_raw"].numpy(), q_out["z_code_raw"].numpy()  # what kmer_index routes on
-    own_lists = {key: kmeans_lists(p_raw, q_raw, L, args.seed, center, whiten) for key, center, whiten in ROUTINGS}
-    for key, (o_code, o_order, k_o) in own_lists.items():
-        results["kmer_vqvae" + key] = lists_row(o_code, o_order, k_o, rel_docs)
-    report_two_stage = two_stage(*own_lists["_ivf_whitened"][:2], q_emb, d_emb, rel_docs)  # as kmer_index builds
+    own_lists = {}
+    for key, center, whiten in ROUTINGS:
+        results["kmer_vqvae" + key], own_lists[key] = seeded_lists_row(
+            lambda s: kmeans_lists(p_raw, q_raw, L, s, center, whiten), seeds, rel_docs)
+    # the first draw's half-whitened lists, as kmer_index builds them
+    report_two_stage = two_stage(*own_lists["_ivf_whitened"][:2], q_emb, d_emb, rel_docs)
     results["diag_exact_own_vectors"] = exact_row(q_out["z_code"].numpy(), p_out["z_code"].numpy(), rel_docs)
     with torch.no_grad():
         p_dec = F.normalize(filt.model.decode(p_out["z_code"]), dim=-1).numpy()
@@ -392,14 +423,16 @@ def run(args) -> dict:
     out_dir = args.output_dir or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out_dir, exist_ok=True)
     report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "int8": args.int8,
-              "bag_only": args.bag_only, "bf16": args.bf16, "lists": L, "passages": len(docs),
+              "bag_only": args.bag_only, "bf16": args.bf16, "lists": L, "list_seeds": args.list_seeds,
+              "passages": len(docs),
               "query_set": hashlib.sha1("\n".join(map(str, qids)).encode()).hexdigest(),
               "queries": len(queries), "methods": results,
               "passages_per_s": speed, "two_stage_recall_at_10": report_two_stage, **extra}
     # named by checkpoint and dataset: evaluations of different checkpoints or sets never overwrite each other
     name = args.dataset if args.dataset != "beir" else os.path.basename(os.path.normpath(args.beir_dir))
     stem = (os.path.splitext(os.path.basename(args.checkpoint))[0] + "_int8" * args.int8 + "_bag" * args.bag_only
-            + "_bf16" * args.bf16 + (f"_lists{L}" if L != K else ""))
+            + "_bf16" * args.bf16 + (f"_lists{L}" if L != K else "")
+            + (f"_seeds{args.list_seeds}" if args.list_seeds > 1 else ""))
     json_path = os.path.join(out_dir, f"{stem}_{name}_filter_eval.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)

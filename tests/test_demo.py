@@ -2,6 +2,8 @@
 import json
 import os
 
+import numpy as np
+
 import run_demo
 
 
@@ -45,3 +47,20 @@ def test_quick_demo_chain(tmp_path, teacher_cache_dir, capsys):
     assert rep["lists"] == 8 and rep["json"].endswith("kmer_vqvae_phase2_aligned_lists8_cisi_filter_eval.json")
     assert m["kmer_vqvae"]["codes"] == methods["kmer_vqvae"]["codes"] != 8
     assert {m[k]["codes"] for k in ("ivf_teacher", "kmer_vqvae_ivf", "kmer_vqvae_ivf_centred", "random")} == {8}
+    # --list_seeds 2: each corpus IVF row is the mean of the --seed 0 and --seed 1 draws, query by query
+    common = ["--checkpoint", str(tmp_path / "kmer_vqvae_phase2_aligned.pt"), "--dataset", "cisi",
+              "--teacher_cache", teacher_cache_dir, "--no_model2vec", "--num_lists", "8"]
+    one = eval_filter.main(common + ["--seed", "1", "--output_dir", str(tmp_path / "seed1")])["methods"]
+    two = eval_filter.main(common + ["--list_seeds", "2", "--output_dir", str(tmp_path / "seeds")])
+    assert two["list_seeds"] == 2 and two["json"].endswith("_lists8_seeds2_cisi_filter_eval.json")
+    moved = 0
+    for k in ("ivf_teacher", "kmer_vqvae_ivf", "kmer_vqvae_ivf_centred", "kmer_vqvae_ivf_whitened"):
+        a, b, ab = m[k], one[k], two["methods"][k]
+        assert ab["per_seed"] == [a["recall_at_fraction"], b["recall_at_fraction"]]
+        for f in ("0.01", "0.05"):
+            assert abs(ab["recall_at_fraction"][f] - (a["recall_at_fraction"][f] + b["recall_at_fraction"][f]) / 2) < 1e-9
+            assert np.allclose(ab["per_query"][f], (np.array(a["per_query"][f]) + np.array(b["per_query"][f])) / 2,
+                               atol=1e-4)
+            moved += a["recall_at_fraction"][f] != b["recall_at_fraction"][f]
+    assert moved  # the two draws differ somewhere, so the mean is not one of them
+    assert two["methods"]["kmer_vqvae"] == m["kmer_vqvae"]  # the model's own codes take no draw
