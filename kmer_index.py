@@ -239,6 +239,11 @@ def prepare_encoder(filt, encoder: str, precision: str):
     return filt, set_precision(filt, precision)
 
 
+def built_encoding(meta: dict) -> tuple[str, str]:
+    """How an index encoded its passages, (encoder, precision); indexes from before these options: full, fp32."""
+    return meta.get("encoder", "full"), meta.get("precision", "fp32")
+
+
 def build(args) -> Index:
     """Encode every passage (the Phase 2 passage adapter when there is one) and assign its list. Passages
     stream from disk; with lists fitted to the corpus their vectors wait in a float16 file on disk (not in
@@ -255,10 +260,9 @@ def build(args) -> Index:
                         f"(it is fitted to the corpus)")
     sha = _sha(args.checkpoint)
     old = Index.load(args.index, sha) if args.append else None
-    # an appended corpus encodes as the index was built (indexes from before these options: fp32, full)
-    encoder = old.meta.get("encoder", "full") if old is not None else args.encoder
-    filt, precision = prepare_encoder(filt, encoder, old.meta.get("precision", "fp32") if old is not None
-                                      else args.precision)
+    # an appended corpus encodes as the index was built
+    encoder, precision = built_encoding(old.meta) if old is not None else (args.encoder, args.precision)
+    filt, precision = prepare_encoder(filt, encoder, precision)
     if not args.append and os.path.isfile(os.path.join(args.index, "index.json")) and not args.overwrite:
         raise UserError(f"{args.index} already holds an index: pass --append to add passages, or --overwrite")
     files = (old.meta["corpus_files"] if old else []) + [os.path.abspath(c) for c in args.corpus]
@@ -356,9 +360,8 @@ def query(args) -> list[dict]:
     except CheckpointError as e:
         raise UserError(str(e)) from None
     index.check_checkpoint(_sha(ckpt), args.index)
-    # default: encode queries as the index encoded its passages
-    filt, _ = prepare_encoder(filt, args.encoder or index.meta.get("encoder", "full"),
-                              args.precision or index.meta.get("precision", "fp32"))
+    encoder, precision = built_encoding(index.meta)  # default: encode queries as the index encoded its passages
+    filt, _ = prepare_encoder(filt, args.encoder or encoder, args.precision or precision)
     queries = list(args.query) + ([l.strip() for l in _open(args.queries) if l.strip()] if args.queries else [])
     if not queries:
         raise UserError("give --query TEXT (repeatable) or --queries FILE (one query per line)")
