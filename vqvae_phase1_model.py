@@ -367,6 +367,19 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def rows_summed(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """`table`'s rows for ids (B, L) -> (B, L, D), or for ids (B, L, H) summed over the H hash functions.
+    The gather and the sum are one `embedding_bag`, which never builds the (B, L, H, D) tensor of rows:
+    the lookup-then-sum's values and gradients (sparse when the table is, as the optimizer expects;
+    bit-identical for two hashes, tested), ~2x faster on this CPU (README "Speed beside quality"). The
+    padding id adds nothing, as its row (zero, never updated) does in a lookup."""
+    if ids.dim() == 2:
+        return table(ids)
+    B, L, H = ids.shape
+    return F.embedding_bag(ids.reshape(B * L, H), table.weight, mode="sum", sparse=table.sparse,
+                           padding_idx=table.padding_idx).view(B, L, -1)
+
+
 class KmerEncoder(nn.Module):
     """Hashed k-mer embedding -> optional pooling -> positions -> pre-LN blocks -> masked mean."""
 
@@ -420,21 +433,23 @@ class KmerEncoder(nn.Module):
         Hw = self.cfg.word_hashes
         kmer_ids = input_ids[..., :-Hw] if Hw else input_ids  # the last Hw ids of a k-mer are its word's
         word_ids = input_ids[..., -Hw:] if Hw else None
-        x = self.embed(kmer_ids)  # (B, L, D) or (B, L, H, D)
-        if x.dim() == 4:
-            x = x.sum(2)  # multi-hash: sum the hash functions' embeddings
+        x = rows_summed(self.embed, kmer_ids)  # (B, L, D): multi-hash sums the hash functions' embeddings
         if Hw:
-            x = x + self.word_embed(word_ids).sum(2)
+            x = x + rows_summed(self.word_embed, word_ids)
         bag = None
+        P = self.cfg.kmer_pool
         if self.cfg.bag_path:
-            s = self.bag_weight(kmer_ids)  # (B, L, 1) or (B, L, H, 1)
-            if s.dim() == 4:
-                s = s.sum(2)
+            s = rows_summed(self.bag_weight, kmer_ids)  # (B, L, 1)
             if Hw:
-                s = s + self.word_weight(word_ids).sum(2)
+                s = s + rows_summed(self.word_weight, word_ids)
             w = torch.exp(s.float().clamp(-10, 10)) * mask[..., None]
             bag = (self.ln_bag(x).float() * w).sum(1) / w.sum(1).clamp(min=1e-6)
-        P = self.cfg.kmer_pool
+            if self.bypass_blocks or not len(self.blocks):  # the bag alone: no pooled positions to build
+                B, L = mask.shape
+                if P > 1 and L % P:
+                    raise ValueError(f"sequence length {L} is not a multiple of kmer_pool {P}")
+                positions = mask.view(B, L // P, P).any(2).sum(1) if P > 1 else mask.sum(1)
+                return bag.to(x.dtype), positions
         if P > 1:  # CANINE-style downsampling: mean of each group of P k-mers
             B, L, D = x.shape
             if L % P:
@@ -447,8 +462,6 @@ class KmerEncoder(nn.Module):
             raise ValueError(f"{T} positions exceed window_size {self.cfg.window_size}")
         positions = mask.sum(1)
         m = mask.to(x.dtype)[..., None]
-        if bag is not None and (self.bypass_blocks or not len(self.blocks)):
-            return bag.to(x.dtype), positions
         x = x + self.pos.weight[:T]
         h = x
         for blk in () if self.bypass_blocks else self.blocks:

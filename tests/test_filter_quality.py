@@ -239,3 +239,49 @@ def test_inference_variants_int8_bag_only_and_bf16(tiny_config):
     assert not f.bf16 and torch.equal(f.encode(texts, role="query")["z_e"], ref["z_e"])  # the original stays fp32
     with pytest.raises(ValueError, match="int8 or bf16"):
         f.inference_variant(int8=True, bf16=True)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fused_gathers_give_the_lookups_values_and_gradients(sparse):
+    """rows_summed (one embedding_bag) against nn.Embedding's lookup summed over the hashes: the same
+    values and the same gradients, sparse where the table is, the padding id adding and receiving nothing."""
+    from vqvae_phase1_model import rows_summed
+    torch.manual_seed(0)
+    ids = torch.randint(1, 50, (3, 8, 2))
+    ids[:, 6:] = 0  # padded positions
+    ids[0, 0] = torch.tensor([7, 7])  # an id twice in one k-mer, and again elsewhere
+    ids[1, 3, 0] = 7
+    g = torch.randn(3, 8, 5)
+    grads = []
+    for fused in (False, True):
+        table = torch.nn.Embedding(50, 5, padding_idx=0, sparse=sparse)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            table.weight.normal_()
+            table.weight[0].zero_()
+        out = rows_summed(table, ids) if fused else table(ids).sum(2)
+        (out * g).sum().backward()
+        grad = table.weight.grad
+        assert grad.is_sparse == sparse
+        grads.append((out.detach(), grad.to_dense()))
+    (a, ga), (b, gb) = grads
+    assert torch.equal(a, b) and torch.allclose(ga, gb, atol=1e-6)
+    assert torch.equal(ga, gb) or not sparse  # dense gradients may add a repeated id's rows in another order
+    assert ga[0].abs().sum() == 0 and gb[7].abs().sum() > 0
+    table = torch.nn.Embedding(50, 5)
+    assert torch.equal(rows_summed(table, ids[..., 0]), table(ids[..., 0]))  # one hash: the plain lookup
+
+
+@pytest.mark.parametrize("bypass", [False, True])
+def test_bag_alone_counts_the_pooled_positions(tiny_config, bypass):
+    """The bag alone returns before pooling: it must still count the pooled positions that weigh a
+    text's windows, as the full forward does."""
+    torch.manual_seed(0)
+    model = KmerVQVAE(**{**tiny_config, "bag_path": True, "kmer_pool": 2}).eval()
+    model.encoder.bypass_blocks = bypass
+    b = model.tokenizer()(["short", "a longer piece of text that spans more than one window of the tiny model " * 3])
+    mask = b["attention_mask"]
+    assert (mask == 0).any()
+    _, positions = model.encoder(b["input_ids"], mask)
+    W, L = mask.shape
+    assert positions.tolist() == (mask.view(W, L // 2, 2).sum(2) > 0).sum(1).tolist()
