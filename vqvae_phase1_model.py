@@ -371,7 +371,7 @@ def rows_summed(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     """`table`'s rows for ids (B, L) -> (B, L, D), or for ids (B, L, H) summed over the H hash functions.
     The gather and the sum are one `embedding_bag`, which never builds the (B, L, H, D) tensor of rows:
     the lookup-then-sum's values and gradients (sparse when the table is, as the optimizer expects;
-    bit-identical for two hashes, tested), ~2x faster on this CPU (README "Speed beside quality"). The
+    bit-identical for two hashes, tested), ~2x faster on this CPU (README "One gather for the hashed rows"). The
     padding id adds nothing, as its row (zero, never updated) does in a lookup."""
     if ids.dim() == 2:
         return table(ids)

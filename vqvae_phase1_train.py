@@ -160,8 +160,8 @@ PRESETS = {
 # 1,000 word steps, the k-means init at step 3,600, 400 more bag steps, then the block's 400 (4,400 steps).
 # Until this session 16,000 windows over 8,000 steps: the held-out cosine fell from 0.655 (step 2,000) to
 # 0.604, and over three k-means draws the lists rose on SQuAD and SciTLDR, fell on MedQuAD (README "Adopted:
-# 30,000 windows on the demo's schedule"); 30,000 windows over 8,000 steps was worse than either. The
-# demo's d_model 256 (384 measured level on SQuAD, lower on CISI at 5%, 1.6x slower) and 262,144 sparse buckets
+# 30,000 windows on the demo's schedule"); 30,000 windows over 8,000 steps fell below this on SQuAD, above it
+# on MedQuAD. The demo's d_model 256 (384 measured level on SQuAD, lower on CISI at 5%, 1.6x slower) and 262,144 sparse buckets
 PRESETS["cpu"] = {**PRESETS["demo"], "max_steps": 4400, "bag_steps": 3000,
                   "vq_warmup_steps": 2600, "eval_every": 800, "log_every": 100, "train_windows": 30000,
                   "output": "runs/cpu/kmer_vqvae_phase1.pt"}
