@@ -437,30 +437,27 @@ class KmerEncoder(nn.Module):
         if Hw:
             x = x + rows_summed(self.word_embed, word_ids)
         bag = None
-        P = self.cfg.kmer_pool
         if self.cfg.bag_path:
             s = rows_summed(self.bag_weight, kmer_ids)  # (B, L, 1)
             if Hw:
                 s = s + rows_summed(self.word_weight, word_ids)
             w = torch.exp(s.float().clamp(-10, 10)) * mask[..., None]
             bag = (self.ln_bag(x).float() * w).sum(1) / w.sum(1).clamp(min=1e-6)
-            if self.bypass_blocks or not len(self.blocks):  # the bag alone: no pooled positions to build
-                B, L = mask.shape
-                if P > 1 and L % P:
-                    raise ValueError(f"sequence length {L} is not a multiple of kmer_pool {P}")
-                positions = mask.view(B, L // P, P).any(2).sum(1) if P > 1 else mask.sum(1)
-                return bag.to(x.dtype), positions
-        if P > 1:  # CANINE-style downsampling: mean of each group of P k-mers
-            B, L, D = x.shape
+        P = self.cfg.kmer_pool
+        B, L = mask.shape
+        if P > 1:  # CANINE-style downsampling: each group of P k-mers is one position
             if L % P:
                 raise ValueError(f"sequence length {L} is not a multiple of kmer_pool {P}")
-            m = mask.view(B, L // P, P).float()
-            x = (x.view(B, L // P, P, D) * m[..., None]).sum(2) / m.sum(2, keepdim=True).clamp(min=1)
-            mask = m.sum(2) > 0  # (B, L/P)
-        T = x.shape[1]
+            group = mask.view(B, L // P, P).float()
+            mask = group.sum(2) > 0  # (B, L/P)
+        T = mask.shape[1]
         if T > self.cfg.window_size:
             raise ValueError(f"{T} positions exceed window_size {self.cfg.window_size}")
         positions = mask.sum(1)
+        if bag is not None and (self.bypass_blocks or not len(self.blocks)):
+            return bag.to(x.dtype), positions  # the bag alone: the pooled embeddings are never built
+        if P > 1:  # their mean
+            x = (x.view(B, L // P, P, -1) * group[..., None]).sum(2) / group.sum(2, keepdim=True).clamp(min=1)
         m = mask.to(x.dtype)[..., None]
         x = x + self.pos.weight[:T]
         h = x
