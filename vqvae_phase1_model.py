@@ -820,7 +820,7 @@ class KmerVQVAE(nn.Module):
                 continuous_weight: float = 1.0, relational_weight: float = 0.0, quantize: bool = True,
                 target_center: torch.Tensor | None = None, contrastive_weight: float = 0.0,
                 contrastive_temperature: float = 0.05, contrastive_bank: torch.Tensor | None = None,
-                contrastive_soft: float = 0.0):
+                contrastive_soft: float = 0.0, target_transform: torch.Tensor | None = None):
         """Training forward: losses against teacher embeddings (B, teacher_dim).
 
         target_center (teacher_dim,): the cosine losses compare decoded - center with teacher - center,
@@ -828,7 +828,9 @@ class KmerVQVAE(nn.Module):
         still outputs the teacher's own space). contrastive_weight: in-batch InfoNCE that each decoded
         vector picks its own teacher target among the batch's (continuous path), and among
         contrastive_bank's (earlier batches' targets, already minus the centre) when given; out["targets_c"]
-        holds this batch's (targets minus the centre) for such a bank."""
+        holds this batch's (targets minus the centre) for such a bank. target_transform (teacher_dim,
+        teacher_dim): the losses compare (decoded - center) @ T with (teacher - center) @ T, e.g. the targets'
+        principal axes rescaled as an index's half-whitened lists rescale them."""
         z_e = self.encode_windows(input_ids, attention_mask, text_index, num_texts)
         q = self.quantizer(z_e, update=self.training)  # the training path: codebook statistics may move
         dec_e = self.decode(q["z_code"])
@@ -837,7 +839,11 @@ class KmerVQVAE(nn.Module):
             return out
         t = teacher.float()
         c = target_center.float() if target_center is not None else None
-        shift = (lambda v: v - c) if c is not None else (lambda v: v)
+        tf = target_transform.float() if target_transform is not None else None
+
+        def shift(v):
+            v = v - c if c is not None else v
+            return v @ tf if tf is not None else v
         cos_e = F.cosine_similarity(dec_e.float(), t, dim=-1)
         d_e, t_c = shift(dec_e.float()), shift(t)
         loss_e = (1 - F.cosine_similarity(d_e, t_c, dim=-1)).mean()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 import train_common as tc
 from data_common import parse_data_files, parse_weights
+from kmer_index import routing_transform
 from teacher import Teacher, TeacherError
 from train_common import CommonConfig, LoopState, UserError, opt
 from vqvae_phase1_model import (KmerTokenizer, KmerVQVAE, KmerVQVAEConfig, codebook_health, copy_checkpoint,
@@ -90,6 +92,12 @@ class Phase1Config(CommonConfig):
     static_windows: int = opt(32, "extra unlabelled windows per step whose target is the SIF-weighted bag of their "
                               "words' teacher vectors (no teacher call; 0 = off; needs --lexicon_size)", min=0)
     center_targets: bool = opt(True, "cosine losses compare decoded and target minus the targets' mean direction")
+    short_windows: float = opt(0.0, "share of the teacher-labelled windows cut to a shorter prefix (at a space; a fixed "
+                               "length per window text, so the teacher cache still holds them): queries are short, "
+                               "the windows are not (0 = off; README)", min=0, max=1)
+    target_whiten: float = opt(0.0, "window losses compare decoded and target (centred) after scaling each principal "
+                               "axis of the held-out targets by variance^(-P/2), as half-whitened lists do (P; "
+                               "0 = off; README)", min=0, max=1)
     contrastive_weight: float = opt(1.0, "weight of the in-batch InfoNCE between decoded vectors and targets", min=0)
     contrastive_temperature: float = opt(0.1, "InfoNCE temperature (0.1, not 0.05: README \"Adopted: InfoNCE at "
                                               "temperature 0.1\")", gt=0)
@@ -167,6 +175,17 @@ PRESETS["cpu"] = {**PRESETS["demo"], "max_steps": 4400, "bag_steps": 3000,
                   "output": "runs/cpu/kmer_vqvae_phase1.pt"}
 
 
+def shorten(window: str, share: float, min_chars: int = 24) -> str:
+    """With probability `share` (fixed per text), the window's prefix of a length drawn uniformly from
+    [min_chars, len), cut back to the last space; otherwise the window itself."""
+    h = zlib.crc32(window.encode("utf-8"))
+    if len(window) <= min_chars or (h % 10_000) >= share * 10_000:
+        return window
+    end = min_chars + (h // 10_000) % (len(window) - min_chars)
+    cut = window.rfind(" ", min_chars // 2, end + 1)
+    return window[:cut if cut > 0 else end]
+
+
 def model_config(cfg) -> dict:
     names = {f.name for f in dataclasses.fields(KmerVQVAEConfig)}
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
@@ -182,7 +201,8 @@ def check_architecture(ckpt_config: dict, requested: dict, path: str):
 
 # the loss settings a resumed run takes from its command line (the optimizer state keeps the lr groups)
 OBJECTIVE_FLAGS = ("contrastive_temperature", "contrastive_soft", "contrastive_weight", "relational_weight",
-                   "continuous_weight", "center_targets", "diversity_weight", "commitment_weight", "static_wordpieces")
+                   "continuous_weight", "center_targets", "diversity_weight", "commitment_weight", "static_wordpieces",
+                   "target_whiten")
 
 
 def objective_changes(started: dict, cfg) -> list[str]:
@@ -374,6 +394,8 @@ def main(cfg: Phase1Config) -> dict:
     static_center = lex.static_targets(held_out).mean(0).to(device) if lex is not None and cfg.center_targets \
         else None
     word_center = lex.center.to(device) if lex is not None and cfg.center_targets else None
+    win_transform = torch.from_numpy(routing_transform(
+        held_targets.float().numpy(), True, cfg.target_whiten)[1]).to(device) if cfg.target_whiten else None
 
     # 3. model, optimizer, resume
     model = KmerVQVAE(**mcfg).to(device)
@@ -434,9 +456,9 @@ def main(cfg: Phase1Config) -> dict:
                      contrastive_soft=cfg.contrastive_soft)
     bank = TargetBank(cfg.contrastive_bank)
 
-    def forward(step, ids, mask, targets, center):
+    def forward(step, ids, mask, targets, center, transform=None):
         """The training forward, with the earlier targets of this stage (words, or windows) as more negatives."""
-        out = train_model(ids, mask, teacher=targets, target_center=center,
+        out = train_model(ids, mask, teacher=targets, target_center=center, target_transform=transform,
                           contrastive_bank=bank.get(step < cfg.lexicon_steps), **loss_args)
         bank.add(out["targets_c"])
         return out
@@ -475,6 +497,8 @@ def main(cfg: Phase1Config) -> dict:
         windows = stream.take(cfg.batch_size)
         if len(windows) < cfg.batch_size:
             raise UserError("the training stream ran dry; check the data files")
+        if cfg.short_windows:
+            windows = [shorten(w, cfg.short_windows) for w in windows]
         targets = teacher.embed(windows).to(device).float()
         center = win_center.expand_as(targets) if win_center is not None else None
         if lex is not None and cfg.static_windows:  # unlabelled windows, static targets: no teacher call
@@ -485,7 +509,7 @@ def main(cfg: Phase1Config) -> dict:
                 center = torch.cat([center, static_center.expand(len(extra), -1)])
         b = tok.encode_windows(windows)
         mask = b["attention_mask"].to(device)
-        out = forward(step, b["input_ids"].to(device), mask, targets, center)
+        out = forward(step, b["input_ids"].to(device), mask, targets, center, win_transform)
         loss = out["loss"]
         logs = {"cos_e": float(out["cos_e"])}
         if "cos_q" in out:

@@ -55,6 +55,48 @@ def test_centred_cosine_loss_compares_offsets_from_the_centre(tiny_model):
     assert float(both["loss"]) == pytest.approx(float(expected + 0.5 * info_nce(dec - c, t - c, 0.05)), rel=1e-5)
 
 
+def test_short_windows_cut_a_fixed_share_of_windows_to_prefixes_at_a_space():
+    """--short_windows: about the asked share of windows become a prefix of themselves ending at a word, the
+    same prefix every time a text comes back (the teacher cache keys on the text), the rest stay whole."""
+    from vqvae_phase1_train import shorten
+    windows = [f"window {i} " + "with some words in it, " * 10 for i in range(2000)]
+    cut = [shorten(w, 0.3) for w in windows]
+    changed = [(c, w) for c, w in zip(cut, windows) if c != w]
+    assert 0.25 < len(changed) / len(windows) < 0.35
+    assert all(w.startswith(c) and w[len(c)] == " " and 12 <= len(c) < len(w) for c, w in changed)
+    assert len({len(c) for c, _ in changed}) > 20  # lengths spread, not one fixed cut
+    assert [shorten(w, 0.3) for w in windows] == cut  # deterministic per text
+    assert [shorten(w, 0.0) for w in windows] == windows
+    assert all(shorten(w, 1.0) != w for w in windows)
+
+
+def test_target_transform_compares_both_sides_in_the_transformed_space(tiny_model):
+    """--target_whiten: decoded and target minus the centre, then both times the same matrix, in the cosine
+    loss and the InfoNCE; the identity changes nothing, and a half-whitening from routing_transform is what
+    the losses use."""
+    from kmer_index import routing_transform
+    torch.manual_seed(0)
+    tok = tiny_model.tokenizer()
+    b = tok.encode_windows(["one window of text", "a second, different window", "and a third one"])
+    t, c = torch.randn(3, 24), torch.randn(24)
+    tiny_model.eval()
+    plain = tiny_model(b["input_ids"], b["attention_mask"], teacher=t, target_center=c, contrastive_weight=0.5)
+    same = tiny_model(b["input_ids"], b["attention_mask"], teacher=t, target_center=c, contrastive_weight=0.5,
+                      target_transform=torch.eye(24))
+    assert float(same["loss"]) == pytest.approx(float(plain["loss"]), rel=1e-6)
+    w = torch.from_numpy(routing_transform(torch.randn(200, 24).numpy() * torch.linspace(0.1, 3, 24).numpy(),
+                                           True, 0.5)[1])
+    out = tiny_model(b["input_ids"], b["attention_mask"], teacher=t, target_center=c, contrastive_weight=0.5,
+                     target_transform=w)
+    dec = out["decoded_e"]
+    d_w, t_w = (dec - c) @ w, (t - c) @ w
+    expected = (1 - F.cosine_similarity(d_w, t_w, dim=-1)).mean() + 0.5 * info_nce(d_w, t_w, 0.05)
+    assert float(out["loss"]) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert float(out["loss"]) != pytest.approx(float(plain["loss"]), rel=1e-3)
+    assert torch.allclose(out["targets_c"], t_w)  # a bank holds targets in the space the losses compare
+    assert float(out["cos_e"]) == pytest.approx(float(plain["cos_e"]), rel=1e-6)  # the log stays the raw cosine
+
+
 class _FakeTokenizer:  # a WordPiece vocabulary and its greedy longest-match split, as BERT's tokenizer does
     vocab = {"apple": 0, "##s": 1, "tree": 2, "a": 3, "[UNK]": 4}
 
