@@ -12,7 +12,12 @@ B resampled together), and how many queries B ranks better and worse; "lists A /
 each row routed through ("-" for exact search), so rows of different list counts are not mistaken for
 like for like. An interval that excludes 0
 is a difference these queries measure; one that spans it is not. The interval covers which queries
-were asked, not another training seed: retrain with --seed to see that spread.
+were asked, not another training seed: retrain with --seed to see that spread, and pool the seeds:
+
+    python compare_evals.py --pooled A_seed0.json A_seed1.json B_seed0.json B_seed1.json
+
+takes the first half of the reports as A and the second as B, and compares each query's recall averaged
+over A's reports with the same query's averaged over B's (the seeds' noise averages out per query).
 """
 from __future__ import annotations
 
@@ -78,6 +83,23 @@ def compare(a: dict, b: dict, pairs: list[tuple[str, str]], a_path: str = "A", b
     return out
 
 
+def pool(reports: list[dict], paths: list[str]) -> dict:
+    """One report whose per-query recalls are the means over `reports` (e.g. training seeds) of the same
+    queries: the methods all of them hold with per-query recall, their list counts from the first."""
+    first = reports[0]
+    for r, path in zip(reports[1:], paths[1:]):
+        if (r.get("dataset"), r.get("queries"), r.get("query_set")) != (first.get("dataset"), first.get("queries"),
+                                                                        first.get("query_set")):
+            raise UserError(f"{path} was not run on the same queries as {paths[0]}: pool reports of one data set")
+    methods = {}
+    for m, row in first["methods"].items():
+        rows = [r["methods"].get(m, {}).get("per_query") for r in reports]
+        if all(rows):
+            fractions = set.intersection(*(set(q) for q in rows))
+            methods[m] = {**row, "per_query": {f: np.mean([q[f] for q in rows], axis=0).tolist() for f in fractions}}
+    return {**first, "methods": methods}
+
+
 def verdict(row: dict) -> str:
     if row["low"] > 0:
         return "B higher"
@@ -93,13 +115,26 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--b", default="", help="method of B (default: the same as --a; with two reports and "
                                             "neither given, every method both hold)")
     ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
+    ap.add_argument("--pooled", action="store_true", help="2k reports: the first k are A, the last k B (e.g. k "
+                                                          "training seeds each), each side's per-query recall "
+                                                          "averaged over its k reports")
     args = ap.parse_args(argv)
     try:
-        if len(args.reports) > 2:
+        if args.pooled:
+            k = len(args.reports) // 2
+            if len(args.reports) % 2 or not k:
+                raise UserError(f"--pooled takes an even number of reports (A's, then as many of B's); got "
+                                f"{len(args.reports)}")
+            a_paths, b_paths = args.reports[:k], args.reports[k:]
+            a = pool([_load(p) for p in a_paths], a_paths)
+            b = pool([_load(p) for p in b_paths], b_paths)
+            args.reports = [" + ".join(a_paths), " + ".join(b_paths)]
+        elif len(args.reports) > 2:
             raise UserError("pass one report (with --a and --b) or two reports (A, then B)")
         paths = args.reports if len(args.reports) == 2 else args.reports * 2
-        a = _load(paths[0])
-        b = _load(paths[1]) if len(args.reports) == 2 else a  # one report: read once
+        if not args.pooled:
+            a = _load(paths[0])
+            b = _load(paths[1]) if len(args.reports) == 2 else a  # one report: read once
         if len(args.reports) == 1 and not (args.a and args.b):
             raise UserError("one report: name the two methods to compare, e.g. --a kmer_vqvae_ivf --b model2vec_ivf")
         if args.a or args.b:

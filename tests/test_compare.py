@@ -68,3 +68,25 @@ def test_compare_refuses_other_queries_and_old_reports(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ce.main([str(path)])
     assert e.value.code == 2 and "--a" in capsys.readouterr().err
+
+
+def test_pooled_compares_each_querys_recall_averaged_over_seeds(tmp_path, capsys):
+    """--pooled A0 A1 B0 B1: A's per-query recall is the mean of A0's and A1's, B's likewise, so a query that
+    one seed gets and the other misses counts a half on its side."""
+    reports = {"a0": {"m": {"0.01": [1.0, 0.0, 0.0, 1.0]}}, "a1": {"m": {"0.01": [0.0, 0.0, 1.0, 1.0]}},
+               "b0": {"m": {"0.01": [1.0, 1.0, 0.0, 1.0]}}, "b1": {"m": {"0.01": [1.0, 0.0, 1.0, 1.0]}}}
+    paths = []
+    for name, methods in reports.items():
+        paths.append(str(tmp_path / f"{name}.json"))
+        (tmp_path / f"{name}.json").write_text(json.dumps(_report(methods)))
+    pooled = ce.pool([_report(reports["a0"]), _report(reports["a1"])], paths[:2])
+    assert pooled["methods"]["m"]["per_query"]["0.01"] == [0.5, 0.0, 0.5, 1.0]
+    rows = ce.main(["--pooled", *paths, "--resamples", "200"])
+    assert rows[0]["mean_a"] == pytest.approx(0.5) and rows[0]["mean_b"] == pytest.approx(0.75)
+    assert rows[0]["better"] == 2 and rows[0]["worse"] == 0  # queries 1 and 3 rose by a half, none fell
+    assert "a0.json + " in capsys.readouterr().out
+    with pytest.raises(UserError, match="same queries"):
+        ce.pool([_report(reports["a0"]), _report(reports["a1"], query_set="other")], paths[:2])
+    with pytest.raises(SystemExit) as e:
+        ce.main(["--pooled", *paths[:3]])
+    assert e.value.code == 2 and "even number" in capsys.readouterr().err
