@@ -27,7 +27,7 @@ from kmer_index import routing_transform
 from teacher import Teacher, TeacherError
 from train_common import CommonConfig, LoopState, UserError, opt
 from vqvae_phase1_model import (KmerTokenizer, KmerVQVAE, KmerVQVAEConfig, codebook_health, copy_checkpoint,
-                                info_nce, load_checkpoint, save_checkpoint)
+                                load_checkpoint, save_checkpoint)
 from vqvae_phase1a_data_webtext import DEFAULT_WEIGHTS, WEBTEXT_SOURCES, WindowStream, eval_windows, webtext_documents
 
 
@@ -95,10 +95,6 @@ class Phase1Config(CommonConfig):
     short_windows: float = opt(0.0, "share of the teacher-labelled windows cut to a shorter prefix (at a space; a fixed "
                                "length per window text, so the teacher cache still holds them): queries are short, "
                                "the windows are not (0 = off; README)", min=0, max=1)
-    peer_weight: float = opt(0.0, "weight of an extra objective: a linear head on the encoder output predicts the "
-                             "window's Model2Vec vector (distilled from the same teacher; centred cosine + InfoNCE). "
-                             "Training only: the head is not kept, a resumed run starts a new one (0 = off; README)",
-                             min=0)
     target_whiten: float = opt(0.0, "window losses compare decoded and target (centred) after scaling each principal "
                                "axis of the held-out targets by variance^(-P/2), as half-whitened lists do (P; "
                                "0 = off; README)", min=0, max=1)
@@ -404,21 +400,11 @@ def main(cfg: Phase1Config) -> dict:
     # 3. model, optimizer, resume
     model = KmerVQVAE(**mcfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    peer = peer_head = peer_center = None
-    if cfg.peer_weight:  # Model2Vec of the same teacher as a second teacher (README)
-        from eval_filter import model2vec_peer
-        from teacher import resolve_teacher
-        peer = model2vec_peer(*resolve_teacher(cfg.teacher)[:2], os.path.join(os.path.expanduser("~"), ".cache",
-                                                                               "kmer_vqvae"))
-        held_peer = torch.from_numpy(peer.encode(held_out)).float()
-        peer_center = held_peer.mean(0).to(device)
-        peer_head = torch.nn.Linear(mcfg["d_model"], held_peer.shape[1]).to(device)
     blocks = {id(p) for p in model.encoder.blocks.parameters()}
     tables = {id(t.weight) for t in model.encoder.kmer_tables()} if cfg.table_lr_scale != 1 else set()
     optimizer = tc.adamw([{"params": [p for p in params if id(p) in tables], "lr_base": cfg.table_lr_scale},
                           {"params": [p for p in params if id(p) not in blocks | tables]},
-                          {"params": [p for p in params if id(p) in blocks], "blocks": True}]
-                         + ([{"params": list(peer_head.parameters())}] if peer_head is not None else []),
+                          {"params": [p for p in params if id(p) in blocks], "blocks": True}],
                          sparse_tables=model.encoder.kmer_tables() if cfg.sparse_embeddings else (),
                          lr=cfg.lr, weight_decay=cfg.weight_decay)
     bag_end = cfg.lexicon_steps + cfg.bag_steps if (cfg.lexicon_steps or cfg.bag_steps) else 0
@@ -526,13 +512,6 @@ def main(cfg: Phase1Config) -> dict:
         out = forward(step, b["input_ids"].to(device), mask, targets, center, win_transform)
         loss = out["loss"]
         logs = {"cos_e": float(out["cos_e"])}
-        if peer is not None:  # the window's Model2Vec vector from the encoder output, through the head
-            p_t = torch.from_numpy(peer.encode(windows)).float().to(device) - peer_center
-            p_s = peer_head(out["z_e"].float())
-            p_loss = (1 - F.cosine_similarity(p_s, p_t, dim=-1)).mean() + info_nce(p_s, p_t,
-                                                                                  cfg.contrastive_temperature)
-            loss = loss + cfg.peer_weight * p_loss
-            logs["peer"] = float(p_loss.detach())
         if "cos_q" in out:
             loss = loss + cfg.diversity_weight * out["diversity_term"]
             logs.update(cos_q=float(out["cos_q"]), commit=float(out["commit"]), diversity=float(out["diversity"]))
