@@ -52,6 +52,11 @@ def _load(path: str) -> dict:
     return report
 
 
+def _queries(report: dict) -> tuple:
+    """What says two reports asked the same queries: data set, query count and the query set's hash."""
+    return report.get("dataset"), report.get("queries"), report.get("query_set")
+
+
 def _per_query(report: dict, method: str, path: str) -> dict:
     if method not in report["methods"]:
         raise UserError(f"{path} has no method '{method}'; it has: {', '.join(report['methods'])}")
@@ -65,8 +70,7 @@ def _per_query(report: dict, method: str, path: str) -> dict:
 def compare(a: dict, b: dict, pairs: list[tuple[str, str]], a_path: str = "A", b_path: str = "B",
             resamples: int = 10_000) -> list[dict]:
     """One row per (method pair, fraction): means, difference, 95% interval, queries better / worse."""
-    if (a.get("dataset"), a.get("queries"), a.get("query_set")) != (b.get("dataset"), b.get("queries"),
-                                                                    b.get("query_set")):
+    if _queries(a) != _queries(b):
         raise UserError(f"{a_path} and {b_path} were not run on the same queries ({a.get('dataset')}, "
                         f"{a.get('queries')} queries against {b.get('dataset')}, {b.get('queries')}): "
                         f"compare reports of one data set")
@@ -88,8 +92,7 @@ def pool(reports: list[dict], paths: list[str]) -> dict:
     queries: the methods all of them hold with per-query recall, their list counts from the first."""
     first = reports[0]
     for r, path in zip(reports[1:], paths[1:]):
-        if (r.get("dataset"), r.get("queries"), r.get("query_set")) != (first.get("dataset"), first.get("queries"),
-                                                                        first.get("query_set")):
+        if _queries(r) != _queries(first):
             raise UserError(f"{path} was not run on the same queries as {paths[0]}: pool reports of one data set")
     methods = {}
     for m, row in first["methods"].items():
@@ -128,15 +131,16 @@ def main(argv=None) -> list[dict]:
             a_paths, b_paths = args.reports[:k], args.reports[k:]
             a = pool([_load(p) for p in a_paths], a_paths)
             b = pool([_load(p) for p in b_paths], b_paths)
-            args.reports = [" + ".join(a_paths), " + ".join(b_paths)]
-        elif len(args.reports) > 2:
-            raise UserError("pass one report (with --a and --b) or two reports (A, then B)")
-        paths = args.reports if len(args.reports) == 2 else args.reports * 2
-        if not args.pooled:
+            paths = [" + ".join(a_paths), " + ".join(b_paths)]
+        else:
+            if len(args.reports) > 2:
+                raise UserError("pass one report (with --a and --b) or two reports (A, then B)")
+            paths = args.reports if len(args.reports) == 2 else args.reports * 2
             a = _load(paths[0])
             b = _load(paths[1]) if len(args.reports) == 2 else a  # one report: read once
-        if len(args.reports) == 1 and not (args.a and args.b):
-            raise UserError("one report: name the two methods to compare, e.g. --a kmer_vqvae_ivf --b model2vec_ivf")
+            if len(args.reports) == 1 and not (args.a and args.b):
+                raise UserError("one report: name the two methods to compare, e.g. --a kmer_vqvae_ivf --b "
+                                "model2vec_ivf")
         if args.a or args.b:
             pairs = [(args.a or args.b, args.b or args.a)]
         else:
