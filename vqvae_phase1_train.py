@@ -143,6 +143,7 @@ PRESETS = {
     # k-means init and then falls while the training loss still falls, so the init comes at step 1,800 (800
     # steps of vq warmup), 400 bag steps follow it, then the block's 200 (README "Adopted: a shorter bag stage").
     # The InfoNCE at weight 2 (1 until 2026-12-06): README "Adopted: the InfoNCE at twice the weight".
+    # Weight 4 measured level with 2 over two seeds (3 cells up, 2 down): README "Measured, not adopted: weight 4".
     # 12,000 labelled windows (8,000 until this round): with this schedule, over two seeds against 8,000 windows
     # and 2,800 steps, 12 recall cells up measurably and 3 down (all own codes); no half-whitened cell falls
     # measurably (README "Adopted: 12,000 windows, 2,400 steps").
