@@ -172,7 +172,8 @@ PRESETS = {
 # 0.604, and over three k-means draws the lists rose on SQuAD and SciTLDR, fell on MedQuAD (README "Adopted:
 # 30,000 windows on the demo's schedule"); 30,000 windows over 8,000 steps fell below this on SQuAD, above it
 # on MedQuAD. The demo's d_model 256 (384 measured level on SQuAD, lower on CISI at 5%, 1.6x slower) and 262,144 sparse buckets.
-# The recipe keeps the InfoNCE at weight 1: weight 2 (the demo's since 2026-12-06) is unmeasured on it.
+# The recipe keeps the InfoNCE at weight 1: weight 2 (the demo's since 2026-12-06) measured mixed on it, one seed
+# (5 cells up, 3 down, Phase 2's code match 0.208 -> 0.146; README "Rerun on an fp32-only CPU").
 PRESETS["cpu"] = {**PRESETS["demo"], "contrastive_weight": 1.0, "max_steps": 4400, "bag_steps": 3000,
                   "vq_warmup_steps": 2600, "eval_every": 800, "log_every": 100, "train_windows": 30000,
                   "output": "runs/cpu/kmer_vqvae_phase1.pt"}
