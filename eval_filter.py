@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import lexical
 from kmer_index import DEFAULT_WHITEN, inverted_lists, probe_lists, routed, routing_transform
 from teacher import PRECISIONS
 from train_common import REPO, UserError
@@ -198,18 +199,23 @@ def two_stage(code_of_doc, probe_order, q_emb, d_emb, rel_docs, fractions=(0.01,
     return out
 
 
-# corpus IVF variants, each for the model's vectors and the peer's: (row suffix, centre, whitening power);
-# _ivf_whitened is what `kmer_index.py build` does by default
-ROUTINGS = (("_ivf", False, 0.0), ("_ivf_centred", True, 0.0), ("_ivf_whitened", True, DEFAULT_WHITEN))
+# corpus IVF variants, each for the model's vectors and the peer's: (row suffix, centre, whitening power,
+# lexical part); _ivf_lexical (centred, half-whitened, beside the hashed-word TF-IDF part at --lexical's weight)
+# is what `kmer_index.py build` does by default
+ROUTINGS = (("_ivf", False, 0.0, False), ("_ivf_centred", True, 0.0, False),
+            ("_ivf_whitened", True, DEFAULT_WHITEN, False), ("_ivf_lexical", True, DEFAULT_WHITEN, True))
 
 
 def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int, center: bool = False,
-                 whiten: float = 0.0):
+                 whiten: float = 0.0, lex: tuple | None = None, weight: float = 0.0):
     """Spherical k-means IVF (FAISS) on any vectors: (doc list, query probe order, lists). center: first
     subtract the corpus's mean vector from passages and queries; whiten: then `kmer_index.py build --whiten`'s
-    corpus-fitted scaling of the principal axes (centred and half-whitened is what a build does by default)."""
+    corpus-fitted scaling of the principal axes; lex = (passages', queries' lexical vectors): then beside them
+    at `weight` (`kmer_index.py build --lexical`; all three is what a build does by default)."""
     mean, transform = routing_transform(d_emb, center, whiten)
     d_emb, q_emb = routed(d_emb, mean, transform), routed(q_emb, mean, transform)
+    if lex is not None:
+        d_emb, q_emb = lexical.joined(d_emb, lex[0], weight), lexical.joined(q_emb, lex[1], weight)
     d = d_emb / np.linalg.norm(d_emb, axis=1, keepdims=True).clip(min=1e-12)
     q = q_emb / np.linalg.norm(q_emb, axis=1, keepdims=True).clip(min=1e-12)
     return ivf_on_teacher(d, q, K, seed)
@@ -309,6 +315,9 @@ def main(argv=None) -> dict:
                          "seeds (--seed, --seed+1, ...) and report the mean, each query's recall averaged, so "
                          "compare_evals.py pairs averages (README 'Filter evaluation': one draw moves recall at 1% "
                          "by ~0.02); the report's name gets _seeds<N>")
+    ap.add_argument("--lexical", type=float, default=lexical.DEFAULT_LEXICAL,
+                    help="weight of the hashed-word TF-IDF part in the _ivf_lexical rows (the model's, the peer's; "
+                         "kmer_index.py build's default) and the lexical_ivf row (the part alone); 0 = no such rows")
     ap.add_argument("--int8", action="store_true", help="encode with int8 dynamic quantisation of every Linear "
                                                        "layer (CPU; the report's name gets _int8)")
     ap.add_argument("--bag_only", action="store_true", help="encode with the weighted bag alone, skipping the "
@@ -356,6 +365,8 @@ def run(args) -> dict:
         raise UserError(f"--num_lists {args.num_lists}: give a number of lists >= 1, or 0 for the checkpoint's "
                         f"{K} codes")
     L = args.num_lists or K  # lists of the corpus-fitted IVFs and the random codes
+    if args.lexical < 0:
+        raise UserError(f"--lexical {args.lexical:g}: give a weight >= 0 (0 = no lexical rows)")
     if args.list_seeds < 1:
         raise UserError(f"--list_seeds {args.list_seeds}: give 1 or more k-means draws")
     t0 = time.time()
@@ -379,6 +390,13 @@ def run(args) -> dict:
     q_emb = teacher.embed(queries).float().numpy()
     teacher.flush()
     seeds = range(args.seed, args.seed + args.list_seeds)  # k-means draws of every corpus-fitted IVF row
+    # the lexical part of the lists (word statistics fitted to this corpus, as kmer_index.py build does)
+    routings = [r for r in ROUTINGS if not r[3] or args.lexical]
+    lex = None
+    if args.lexical:
+        words = lexical.LexicalSpace.fit(docs)
+        lex = (words.encode(docs), words.encode(queries))
+        results["lexical_ivf"] = seeded_lists_row(lambda s: ivf_on_teacher(*lex, L, s), seeds, rel_docs)[0]
     results["ivf_teacher"] = seeded_lists_row(lambda s: ivf_on_teacher(d_emb, q_emb, L, s), seeds, rel_docs)[0]
     speed = {"kmer_vqvae": student_pps, "teacher": teacher_pps, "ratio": student_pps / teacher_pps,
              "teacher_precision": teacher.precision}
@@ -392,19 +410,22 @@ def run(args) -> dict:
         speed["model2vec"] = len(docs) / (time.time() - t0)
         speed["ratio_vs_model2vec"] = student_pps / speed["model2vec"]
         m_queries = m2v.encode(queries)
-        for key, center, whiten in ROUTINGS:
+        for key, center, whiten, lexed in routings:
             results["model2vec" + key] = seeded_lists_row(
-                lambda s: kmeans_lists(m_docs, m_queries, L, s, center, whiten), seeds, rel_docs)[0]
+                lambda s: kmeans_lists(m_docs, m_queries, L, s, center, whiten, lex if lexed else None, args.lexical),
+                seeds, rel_docs)[0]
     # the model's vectors with lists fitted to this corpus, exactly as the peers' IVF is built (what
     # `kmer_index.py --lists corpus` does); then where recall is lost: exact search on the model's own
     # code-space vectors, and teacher queries against its decoded passages (teacher space)
     p_raw, q_raw = p_out["z_code_raw"].numpy(), q_out["z_code_raw"].numpy()  # what kmer_index routes on
     own_lists = {}
-    for key, center, whiten in ROUTINGS:
+    for key, center, whiten, lexed in routings:
         results["kmer_vqvae" + key], own_lists[key] = seeded_lists_row(
-            lambda s: kmeans_lists(p_raw, q_raw, L, s, center, whiten), seeds, rel_docs)
-    # the first draw's half-whitened lists, as kmer_index builds them
-    report_two_stage = two_stage(*own_lists["_ivf_whitened"][:2], q_emb, d_emb, rel_docs)
+            lambda s: kmeans_lists(p_raw, q_raw, L, s, center, whiten, lex if lexed else None, args.lexical),
+            seeds, rel_docs)
+    # the first draw's lists as kmer_index builds them by default (with the lexical part unless --lexical 0)
+    report_two_stage = two_stage(*own_lists["_ivf_lexical" if args.lexical else "_ivf_whitened"][:2], q_emb, d_emb,
+                                 rel_docs)
     results["diag_exact_own_vectors"] = exact_row(q_out["z_code"].numpy(), p_out["z_code"].numpy(), rel_docs)
     with torch.no_grad():
         p_dec = F.normalize(filt.model.decode(p_out["z_code"]), dim=-1).numpy()
@@ -424,6 +445,7 @@ def run(args) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "int8": args.int8,
               "bag_only": args.bag_only, "bf16": args.bf16, "lists": L, "list_seeds": args.list_seeds,
+              "lexical": args.lexical, "lexical_dims": lexical.DIMS,
               "passages": len(docs),
               "query_set": hashlib.sha1("\n".join(map(str, qids)).encode()).hexdigest(),
               "queries": len(queries), "methods": results,

@@ -19,6 +19,10 @@ does, after subtracting the corpus's mean vector (`center.npy`, subtracted from 
 skips it), then half-whitening it (`transform.npy`: each principal axis of the centred corpus scaled by
 variance^(-P/2), P = `--whiten`, 0.5 by default, 0 = off); `--lists model` uses the model's own codebook
 (no fitting pass, no transform; README "Filter quality").
+`--lexical W` (corpus lists; default 1.5, 0 = off): the routed vector is the model's (centred, half-whitened,
+unit) beside W x a unit hashed-word TF-IDF vector (`lexical.py`), with document frequencies counted on the
+corpus (`lexical_df.npy`); queries route the same way from their text (README "Adopted: a lexical part in
+the lists").
 """
 from __future__ import annotations
 
@@ -31,12 +35,24 @@ import time
 
 import numpy as np
 
+import lexical
 from train_common import UserError
 
 INDEX_FORMAT = "kmer-index/1"
 # corpus lists: the whitening power a build uses unless told (README "Filter quality": chosen on SQuAD, CISI
 # and SciTLDR, confirmed on held-out MedQuAD pairs and on corpora of 128 to 1,024 passages)
 DEFAULT_WHITEN = 0.5
+
+
+def lexical_weight(requested, lists: str) -> float:
+    """The weight of the lexical part: as asked, else DEFAULT_LEXICAL for corpus lists (the model's own codebook
+    has no room for one)."""
+    if requested is None:
+        return lexical.DEFAULT_LEXICAL if lists == "corpus" else 0.0
+    if requested < 0 or (requested and lists == "model"):
+        raise UserError(f"--lexical {requested:g}: give a weight >= 0 (0 = off), with --lists corpus (the lexical "
+                        f"part needs lists fitted to it)")
+    return float(requested)
 
 
 def whitening_power(requested, lists: str, no_center: bool) -> float:
@@ -142,10 +158,13 @@ def routing_transform(sample: np.ndarray, center: bool = True, whiten: float = 0
 class Index:
     """An index in memory: centroids, codes, ids, sources; `search` gives candidate passages."""
 
-    def __init__(self, meta: dict, centroids, codes, ids, sources, center=None, transform=None):
+    def __init__(self, meta: dict, centroids, codes, ids, sources, center=None, transform=None, lexical_df=None):
         self.meta, self.centroids, self.codes, self.ids, self.sources = meta, centroids, codes, ids, sources
         self.center = center  # (d,) subtracted from every vector before routing; None = no centring
         self.transform = transform  # (d, d) applied after centring (--whiten); None = none
+        self.lexical_weight = float(meta.get("lexical", 0.0))  # 0: the model's vectors alone
+        self.lexical = None if lexical_df is None else lexical.LexicalSpace(
+            lexical_df, meta["lexical_docs"], meta["lexical_dims"])
         self.offsets, self.members = inverted_lists(codes, len(centroids))
 
     @classmethod
@@ -159,7 +178,7 @@ class Index:
         ld = lambda n: np.load(os.path.join(folder, n), allow_pickle=False)
         opt = lambda n: ld(n) if os.path.isfile(os.path.join(folder, n)) else None
         index = cls(meta, ld("centroids.npy"), ld("codes.npy"), json.load(open(os.path.join(folder, "ids.json"))),
-                    ld("sources.npy"), opt("center.npy"), opt("transform.npy"))
+                    ld("sources.npy"), opt("center.npy"), opt("transform.npy"), opt("lexical_df.npy"))
         if checkpoint_sha:
             index.check_checkpoint(checkpoint_sha, folder)
         return index
@@ -179,17 +198,29 @@ class Index:
         for name, arr in (("center.npy", self.center), ("transform.npy", self.transform)):
             if arr is not None:
                 _save_npy(folder, name, arr.astype(np.float32))
+        if self.lexical is not None:
+            _save_npy(folder, "lexical_df.npy", self.lexical.df)
         _save_json(folder, "ids.json", self.ids)
         _save_json(folder, "index.json", {**self.meta, "passages": len(self.ids)})  # last: marks it complete
 
-    def search(self, q_vec: np.ndarray, n_probe: int = 0, budget: float = 0.0) -> list[dict]:
+    def route(self, vectors: np.ndarray, texts: list[str] | None = None) -> np.ndarray:
+        """The vectors the lists are fitted to and searched with: centred and whitened as the index is, then,
+        for an index with a lexical part, at unit norm beside its weight x the texts' lexical vectors."""
+        v = routed(vectors, self.center, self.transform)
+        if self.lexical is None:
+            return v
+        if texts is None or len(texts) != len(v):
+            raise ValueError("this index routes on text too (a lexical part): pass the texts beside the vectors")
+        return lexical.joined(v, self.lexical.encode(texts), self.lexical_weight)
+
+    def search(self, q_vec: np.ndarray, n_probe: int = 0, budget: float = 0.0,
+               texts: list[str] | None = None) -> list[dict]:
         """Per query: probe the nearest lists until n_probe lists, or until `budget` passages (a count,
-        or a fraction of the corpus when < 1) are kept."""
+        or a fraction of the corpus when < 1) are kept. `texts`: the queries, for an index with a lexical part."""
         N = len(self.codes)
         limit = budget * N if 0 < budget < 1 else budget
         out = []
-        for order in np.argsort(-(routed(q_vec, self.center, self.transform) @ self.centroids.T), axis=1,
-                                kind="stable"):
+        for order in np.argsort(-(self.route(q_vec, texts) @ self.centroids.T), axis=1, kind="stable"):
             probe, cand = probe_lists(order, self.offsets, self.members, n_probe, limit)
             out.append({"codes": probe.tolist(), "candidates": cand, "fraction_kept": len(cand) / max(1, N)})
         return out
@@ -258,6 +289,7 @@ def build(args) -> Index:
     if args.whiten is not None and (args.whiten < 0 or (args.whiten and args.lists == "model")):
         raise UserError(f"--whiten {args.whiten:g}: give a power >= 0 (0.5 = half-whitening), with --lists corpus "
                         f"(it is fitted to the corpus)")
+    weight = lexical_weight(getattr(args, "lexical", None), args.lists)
     sha = _sha(args.checkpoint)
     old = Index.load(args.index, sha) if args.append else None
     # an appended corpus encodes as the index was built
@@ -269,28 +301,39 @@ def build(args) -> Index:
     centroids = old.centroids if old is not None else None
     center, transform = (old.center, old.transform) if old is not None else (None, None)
     whiten = float(old.meta.get("whiten", 0.0)) if old is not None else 0.0  # a corpus fit below sets its own
-    space = vector_space(old.meta if old is not None else None)  # an appended corpus routes as the index does
+    vectors = vector_space(old.meta if old is not None else None)  # an appended corpus routes as the index does
     if centroids is None and args.lists == "model":
         centroids = filt.model.quantizer._codes().detach().numpy().astype(np.float32)
     os.makedirs(args.index, exist_ok=True)
     spool = os.path.join(args.index, ".tmp_vectors.f16")  # corpus lists: vectors wait here, not in memory
+    lex_spool = os.path.join(args.index, ".tmp_words.i64")  # and each passage's (word bucket, count) pairs
+    space, lex_sizes, word_cache = lexical.LexicalSpace(), [], {}
     ids, sources, codes, dim = [], [], [], 0
     seen = set(old.meta.get("text_hashes", [])) if old is not None else set()
     fields = dict(id_field=args.id_field, text_field=args.text_field)
     try:
-        with open(spool, "wb") as sp, tqdm(desc="encoding passages", unit=" passages") as bar:
+        with open(spool, "wb") as sp, open(lex_spool, "wb") as lsp, \
+                tqdm(desc="encoding passages", unit=" passages") as bar:
             for c in args.corpus:  # the bar's line ends before any error line
                 for chunk in read_corpus(c, files.index(os.path.abspath(c)), args.batch_size, **fields):
                     if args.unique_text:  # e.g. SQuAD rows: one per question, the passage repeated
                         chunk = [r for r in chunk if not (hash_text(r[1]) in seen or seen.add(hash_text(r[1])))]
                         if not chunk:
                             continue
-                    v = encode_vectors(filt, [t for _, t, _ in chunk], "passage", space)
+                    texts = [t for _, t, _ in chunk]
+                    v = encode_vectors(filt, texts, "passage", vectors)
                     dim = v.shape[1]
-                    if centroids is not None:
-                        codes.append((routed(v, center, transform) @ centroids.T).argmax(1).astype(np.int32))
+                    if centroids is not None:  # appended (routed as the index routes) or the model's codebook
+                        r = old.route(v, texts) if old is not None else v
+                        codes.append((r @ centroids.T).argmax(1).astype(np.int32))
                     else:
                         sp.write(v.astype(np.float16).tobytes())
+                        if weight:
+                            bags = [lexical.bag(t, word_cache) for t in texts]
+                            space.count(bags)
+                            for b, c in bags:
+                                lsp.write(np.stack([b, c], 1).astype(np.int64).tobytes())
+                            lex_sizes += [len(b) for b, _ in bags]
                     ids += [i for i, _, _ in chunk]
                     sources += [s for _, _, s in chunk]
                     bar.update(len(chunk))
@@ -306,26 +349,44 @@ def build(args) -> Index:
             # otherwise dominate the cosine between its passages (README "Filter quality")
             whiten = whitening_power(args.whiten, args.lists, args.no_center)
             center, transform = routing_transform(sample, not args.no_center, whiten)
-            centroids = spherical_kmeans(torch.from_numpy(routed(sample, center, transform)), K,
-                                         seed=args.seed)[0].numpy()
-            codes = [(routed(np.asarray(V[i:i + 65536], dtype=np.float32), center, transform) @ centroids.T)
-                     .argmax(1).astype(np.int32) for i in range(0, len(ids), 65536)]
-            del V
+            words_at = np.concatenate(([0], np.cumsum(lex_sizes))).astype(np.int64)
+            pairs = (np.fromfile(lex_spool, dtype=np.int64).reshape(-1, 2) if weight else None)
+
+            def route(rows: np.ndarray, v: np.ndarray) -> np.ndarray:  # passages `rows`, their vectors v
+                r = routed(v, center, transform)
+                if not weight:
+                    return r
+                bags = [(pairs[words_at[i]:words_at[i + 1], 0], pairs[words_at[i]:words_at[i + 1], 1]) for i in rows]
+                return lexical.joined(r, space.vectors(bags), weight)
+
+            centroids = spherical_kmeans(torch.from_numpy(route(fit, sample)), K, seed=args.seed)[0].numpy()
+            step = 16384
+            codes = [(route(np.arange(i, min(i + step, len(ids))), np.asarray(V[i:i + step], dtype=np.float32))
+                      @ centroids.T).argmax(1).astype(np.int32) for i in range(0, len(ids), step)]
+            del V, pairs
     finally:
-        if os.path.exists(spool):
-            os.unlink(spool)
+        for path in (spool, lex_spool):
+            if os.path.exists(path):
+                os.unlink(path)
     codes = np.concatenate(codes)
     meta = {"format": INDEX_FORMAT, "checkpoint": os.path.abspath(args.checkpoint), "checkpoint_sha256": sha,
             "lists": old.meta["lists"] if old else args.lists, "num_lists": int(len(centroids)),
             "corpus_files": files, "role": "passage" if filt.adapters is not None else None,
-            "centred": center is not None, "whiten": whiten, "vectors": space,
+            "centred": center is not None, "whiten": whiten, "vectors": vectors,
             "precision": precision, "encoder": encoder, **fields}
+    lexical_df = None
+    if old is not None and old.lexical is not None:  # an appended corpus keeps the index's word statistics
+        lexical_df = old.lexical.df
+        meta.update({k: old.meta[k] for k in ("lexical", "lexical_dims", "lexical_docs")})
+    elif old is None and weight:
+        lexical_df = space.df
+        meta.update(lexical=weight, lexical_dims=space.dims, lexical_docs=space.n_docs)
     if args.unique_text:
         meta["text_hashes"] = sorted(seen)
     sources = np.asarray(sources, dtype=np.int64).reshape(-1, 2)
     if old is not None:
         codes, ids, sources = np.concatenate([old.codes, codes]), old.ids + ids, np.concatenate([old.sources, sources])
-    index = Index(meta, centroids, codes, ids, sources, center, transform)
+    index = Index(meta, centroids, codes, ids, sources, center, transform, lexical_df)
     index.save(args.index)
     return index
 
@@ -367,7 +428,8 @@ def query(args) -> list[dict]:
         raise UserError("give --query TEXT (repeatable) or --queries FILE (one query per line)")
     if not args.n_probe and not args.budget:
         args.n_probe = 4
-    hits = index.search(encode_vectors(filt, queries, "query", vector_space(index.meta)), args.n_probe, args.budget)
+    hits = index.search(encode_vectors(filt, queries, "query", vector_space(index.meta)), args.n_probe, args.budget,
+                        texts=queries)
     reranker = None
     if args.rerank:
         from teacher import Teacher
@@ -404,6 +466,10 @@ def main(argv=None):
                    help="--lists corpus: scale each principal axis of the centred corpus by variance^(-P/2) before "
                         f"fitting and routing (0 = off, 0.5 = half-whitening, 1 = whitening; default {DEFAULT_WHITEN}, "
                         "0 with --no_center; README)")
+    b.add_argument("--lexical", type=float, default=None,
+                   help="--lists corpus: weight of the hashed-word TF-IDF part beside the model's vector in what the "
+                        f"lists are fitted to and searched with (default {lexical.DEFAULT_LEXICAL:g}; 0 = off; README "
+                        "'Adopted: a lexical part in the lists')")
     b.add_argument("--append", action="store_true", help="add passages to an existing index (same lists)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index")
     b.add_argument("--batch_size", type=int, default=512)

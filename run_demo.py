@@ -75,8 +75,11 @@ FILTER_ROWS = (("kmer_vqvae", "k-mer VQ-VAE, the model's own codes"),
                ("model2vec_ivf", "Model2Vec (same teacher) + IVF"),
                ("kmer_vqvae_ivf_centred", "k-mer VQ-VAE vectors + IVF, corpus mean subtracted"),
                ("model2vec_ivf_centred", "Model2Vec + IVF, corpus mean subtracted"),
-               ("kmer_vqvae_ivf_whitened", "k-mer VQ-VAE vectors + IVF, centred and half-whitened (kmer_index.py)"),
+               ("kmer_vqvae_ivf_whitened", "k-mer VQ-VAE vectors + IVF, centred and half-whitened"),
                ("model2vec_ivf_whitened", "Model2Vec + IVF, centred and half-whitened"),
+               ("kmer_vqvae_ivf_lexical", "k-mer VQ-VAE vectors, half-whitened, + lexical part, IVF (kmer_index.py)"),
+               ("model2vec_ivf_lexical", "Model2Vec, half-whitened, + the same lexical part, IVF"),
+               ("lexical_ivf", "the lexical part alone + IVF"),
                ("ivf_teacher", "IVF on the teacher"),
                ("exact_teacher", "exact teacher top-k"), ("random", "random codes"))
 

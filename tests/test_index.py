@@ -92,7 +92,7 @@ def test_bf16_index_records_its_precision_and_routes_like_fp32(ckpt, tmp_path, m
 def test_bag_encoder_routes_the_bag_and_queries_and_append_follow_the_index(ckpt, tmp_path, monkeypatch, capsys):
     a = _corpus(tmp_path / "a.jsonl", TEXTS)
     bag = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "bag"),
-                           "--num_lists", "4", "--encoder", "bag"])
+                           "--num_lists", "4", "--encoder", "bag", "--lexical", "0"])
     assert bag.meta["encoder"] == "bag"
     filt = load_pretrained(str(ckpt))
     v_bag = kmer_index.encode_vectors(filt.inference_variant(bag_only=True), TEXTS, "passage")
@@ -133,7 +133,8 @@ def test_corpus_lists_and_rerank_text_lookup(ckpt, tmp_path):
     assert kmer_index.passage_texts(index, np.array([5, 0])) == [TEXTS[5], TEXTS[0]]
     # lists fitted on a sample; every passage (spooled to disk, float16) goes to its nearest list (centred only)
     small = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "j"),
-                             "--num_lists", "4", "--fit_sample", "10", "--batch_size", "7", "--whiten", "0"])
+                             "--num_lists", "4", "--fit_sample", "10", "--batch_size", "7", "--whiten", "0",
+                             "--lexical", "0"])
     filt = load_pretrained(str(ckpt))
     v = kmer_index.encode_vectors(filt, TEXTS, "passage")
     out = filt.encode(TEXTS, role="passage")  # routes on code space before normalisation, not on unit z_code
@@ -163,7 +164,7 @@ def test_corpus_lists_and_rerank_text_lookup(ckpt, tmp_path):
     json.dump(meta, open(tmp_path / "j" / "index.json", "w"))
     assert ask() == old
     plain = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "k"),
-                             "--num_lists", "4", "--no_center"])
+                             "--num_lists", "4", "--no_center", "--lexical", "0"])
     assert plain.center is None and np.array_equal(plain.codes, (v @ plain.centroids.T).argmax(1))
 
 
@@ -182,16 +183,16 @@ def test_whitening_scales_each_principal_axis_and_the_index_routes_through_it(ck
     assert kmer_index.routing_transform(x, center=True)[1] is None  # no whitening asked: the mean alone
     a = _corpus(tmp_path / "a.jsonl", TEXTS)
     index = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "i"),
-                             "--num_lists", "4"])  # corpus lists: half-whitened unless told otherwise
+                             "--num_lists", "4", "--lexical", "0"])  # corpus lists: half-whitened unless told otherwise
     loaded = kmer_index.Index.load(str(tmp_path / "i"))
     assert kmer_index.DEFAULT_WHITEN == 0.5 and loaded.meta["whiten"] == 0.5
     assert np.array_equal(loaded.transform, index.transform)
     asked = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "w"),
-                             "--num_lists", "4", "--whiten", "0.5"])
+                             "--num_lists", "4", "--whiten", "0.5", "--lexical", "0"])
     assert np.array_equal(asked.transform, index.transform) and np.array_equal(asked.codes, index.codes)
     for flags in (["--no_center"], ["--lists", "model"]):  # raw vectors, or the model's codes: no transform
         other = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "o"),
-                                 "--num_lists", "4", "--overwrite", *flags])
+                                 "--num_lists", "4", "--overwrite", "--lexical", "0", *flags])
         assert other.transform is None and other.meta["whiten"] == 0
     v = kmer_index.encode_vectors(load_pretrained(str(ckpt)), TEXTS, "passage").astype(np.float16).astype(np.float32)
     routed = (v - loaded.center) @ loaded.transform

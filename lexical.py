@@ -1,0 +1,131 @@
+"""A lexical part beside the model's vectors: hashed word TF-IDF, projected to a few hundred dimensions.
+
+A coarse filter routes a query to the lists whose passages it resembles. The model's vectors say what a
+text is about; whether a passage shares the query's rare words (a name, a drug, a method) they say only
+roughly. This module adds that signal as a dense vector an IVF can fit lists to:
+
+    words (NFKC, lowercase, \\w+ runs) -> hashed into BUCKETS rows (no vocabulary is stored)
+    weight = (1 + log tf) * idf, idf = log((N + 1) / (df + 1)) + 1 with df counted on the corpus
+    vector = sum of weight * the bucket's fixed sparse random sign vector (8 of DIMS coordinates), unit norm
+
+An index routes on [unit model vector, weight * unit lexical vector] (`kmer_index.py build --lexical`,
+README "Adopted: a lexical part in the lists"). The document frequencies are fitted to the corpus an index
+holds, as its centre and lists are; queries use the corpus's. Deterministic: the same words give the same
+vector in every process (blake2b, not Python's salted hash).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+import numpy as np
+from scipy.sparse import csr_matrix
+
+BUCKETS = 1 << 20  # hashed word rows (document frequencies: 4 MB of int32)
+DIMS = 2048  # width of the projected vector (README: 512 and 1,024 measured lower)
+NONZERO = 8  # coordinates each bucket's sign vector touches
+DEFAULT_LEXICAL = 1.5  # weight of the lexical part in an index's routed vectors (README: chosen on four sets)
+_WORD = re.compile(r"\w+")
+_MASK = np.uint64((1 << 64) - 1)
+
+
+def words(text: str) -> list[str]:
+    """NFKC, lowercase, runs of word characters (letters, digits, underscore in any script)."""
+    return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+
+
+def _bucket(word: str) -> int:
+    return int.from_bytes(hashlib.blake2b(word.encode("utf-8", "replace"), digest_size=8).digest(), "little") % BUCKETS
+
+
+def bag(text: str, cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct buckets of the text's words, sorted; how often each occurs)."""
+    cache = {} if cache is None else cache
+    ids = []
+    for w in words(text):
+        b = cache.get(w)
+        if b is None:
+            b = cache[w] = _bucket(w)
+        ids.append(b)
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.unique(np.asarray(ids, np.int64), return_counts=True)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def sign_vectors(buckets: np.ndarray, dims: int = DIMS, nonzero: int = NONZERO) -> np.ndarray:
+    """(len(buckets), dims) float32: each bucket's fixed sparse random vector, `nonzero` coordinates of
+    +-1/sqrt(nonzero) (a sparse Johnson-Lindenstrauss projection: cosines of TF-IDF vectors are kept up to
+    ~1/sqrt(dims) of noise)."""
+    b = buckets.astype(np.uint64)
+    out = np.zeros((len(b), dims), np.float32)
+    rows = np.arange(len(b))
+    for j in range(nonzero):
+        h = _mix(b * np.uint64(nonzero) + np.uint64(j) + np.uint64(0x9E3779B97F4A7C15))
+        col = (h % np.uint64(dims)).astype(np.int64)
+        sign = np.where((h >> np.uint64(63)) == 1, 1.0, -1.0).astype(np.float32)
+        np.add.at(out, (rows, col), sign / np.sqrt(nonzero))
+    return out
+
+
+class LexicalSpace:
+    """Document frequencies of a corpus over hashed words, and the projected TF-IDF vectors they give."""
+
+    def __init__(self, df: np.ndarray | None = None, n_docs: int = 0, dims: int = DIMS):
+        self.df = np.zeros(BUCKETS, np.int32) if df is None else df.astype(np.int32)
+        if self.df.shape != (BUCKETS,):
+            raise ValueError(f"document frequencies have shape {self.df.shape}, not ({BUCKETS},)")
+        self.n_docs, self.dims = int(n_docs), int(dims)
+
+    def count(self, bags: list[tuple[np.ndarray, np.ndarray]]):
+        """Add passages to the document frequencies (each distinct word once per passage)."""
+        for ids, _ in bags:
+            self.df[ids] += 1
+        self.n_docs += len(bags)
+
+    def idf(self, ids: np.ndarray) -> np.ndarray:
+        return (np.log((self.n_docs + 1) / (self.df[ids] + 1.0)) + 1.0).astype(np.float32)
+
+    def vectors(self, bags: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """(len(bags), dims) float32 unit vectors (zero for a text without words)."""
+        out = np.zeros((len(bags), self.dims), np.float32)
+        if not bags:
+            return out
+        lens = np.array([len(ids) for ids, _ in bags])
+        if lens.sum() == 0:
+            return out
+        ids = np.concatenate([i for i, _ in bags])
+        tf = np.concatenate([c for _, c in bags]).astype(np.float32)
+        uniq, inv = np.unique(ids, return_inverse=True)
+        w = (1.0 + np.log(tf)) * self.idf(ids)
+        x = csr_matrix((w, (np.repeat(np.arange(len(bags)), lens), inv)), shape=(len(bags), len(uniq)))
+        out = np.asarray(x @ sign_vectors(uniq, self.dims), dtype=np.float32)
+        return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        cache: dict = {}
+        return self.vectors([bag(t, cache) for t in texts])
+
+    @classmethod
+    def fit(cls, texts: list[str], dims: int = DIMS) -> "LexicalSpace":
+        space = cls(dims=dims)
+        cache: dict = {}
+        space.count([bag(t, cache) for t in texts])
+        return space
+
+
+def joined(vectors: np.ndarray, lexical: np.ndarray | None, weight: float) -> np.ndarray:
+    """The routed vector: the model's (or any encoder's) vector at unit norm, beside `weight` x the unit
+    lexical vector. weight 0 or no lexical part: the unit vector alone."""
+    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+    if lexical is None or not weight:
+        return v.astype(np.float32)
+    return np.concatenate([v, weight * lexical], 1).astype(np.float32)

@@ -1,0 +1,136 @@
+"""lexical.py: hashed-word TF-IDF, projected; and the lists kmer_index.py / eval_filter.py fit to it."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import kmer_index
+import lexical
+from vqvae_phase1_model import load_pretrained
+
+from test_index import TEXTS, _corpus, ckpt, fp32_indexes  # noqa: F401  (module fixtures)
+
+
+def tfidf_cosines(texts):
+    """Exact cosines of the unprojected TF-IDF vectors, words as the keys (no hashing, no projection)."""
+    space = lexical.LexicalSpace.fit(texts)
+    vecs = []
+    for t in texts:
+        ids, tf = lexical.bag(t)
+        v = {}
+        for i, c in zip(ids, tf):
+            v[int(i)] = (1 + np.log(c)) * space.idf(np.array([i]))[0]
+        vecs.append(v)
+    norm = [np.sqrt(sum(x * x for x in v.values())) for v in vecs]
+    return np.array([[sum(a[k] * b.get(k, 0.0) for k in a) / (na * nb) for b, nb in zip(vecs, norm)]
+                     for a, na in zip(vecs, norm)])
+
+
+def test_words_are_normalised_and_hashed_the_same_everywhere():
+    assert lexical.words("Ｃafé, CAFÉ  au-lait_2!") == ["café", "café", "au", "lait_2"]
+    ids, tf = lexical.bag("the cat and the hat")
+    assert len(ids) == 4 and sorted(tf.tolist()) == [1, 1, 1, 2] and (np.diff(ids) > 0).all()
+    assert lexical._bucket("cat") == lexical._bucket("cat") != lexical._bucket("hat")
+    # fixed across processes: blake2b, not Python's salted hash()
+    assert lexical._bucket("cat") == int.from_bytes(__import__("hashlib").blake2b(b"cat", digest_size=8).digest(),
+                                                    "little") % lexical.BUCKETS
+    s = lexical.sign_vectors(np.array([3, 3, 17, 123456]))
+    assert np.array_equal(s[0], s[1]) and not np.array_equal(s[0], s[2])
+    assert ((s != 0).sum(1) <= lexical.NONZERO).all() and np.allclose(np.linalg.norm(s, axis=1), 1, atol=0.3)
+
+
+def test_idf_weights_rare_shared_words_above_common_ones():
+    docs = ["alpha common words here", "beta common words there", "gamma common words again",
+            "delta common stuff", "zebra quokka common"]
+    space = lexical.LexicalSpace.fit(docs)
+    common, rare = lexical.bag("common")[0], lexical.bag("quokka")[0]
+    assert space.n_docs == 5 and space.df[common][0] == 5 and space.df[rare][0] == 1
+    assert space.idf(common)[0] == pytest.approx(1.0) and space.idf(rare)[0] == pytest.approx(np.log(6 / 2) + 1)
+    q = space.encode(["quokka common"])[0]
+    d = space.encode(docs)
+    assert np.allclose(np.linalg.norm(d, axis=1), 1, atol=1e-5)
+    # the passage sharing the rare word is nearest; those sharing only the common one trail it
+    assert int(np.argmax(d @ q)) == 4 and (d[:4] @ q).max() < (d[4] @ q) - 0.2
+    # weight = (1 + log tf) x idf on each word's fixed sign vector
+    got = space.encode(["quokka quokka quokka common"])[0]
+    s = lexical.sign_vectors(np.concatenate([rare, common]))
+    want = (1 + np.log(3)) * space.idf(rare)[0] * s[0] + space.idf(common)[0] * s[1]
+    assert np.allclose(got, want / np.linalg.norm(want), atol=1e-6)
+    assert space.vectors([lexical.bag("")])[0].tolist() == [0.0] * lexical.DIMS  # no words: a zero vector
+
+
+def test_projection_keeps_tfidf_cosines():
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(300)]
+    texts = [" ".join(rng.choice(vocab, size=rng.integers(5, 40), p=None)) for _ in range(60)]
+    exact = tfidf_cosines(texts)
+    got = lexical.LexicalSpace.fit(texts).encode(texts)
+    proj = got @ got.T
+    off = ~np.eye(len(texts), dtype=bool)
+    assert np.abs(proj - exact)[off].mean() < 0.03 and np.corrcoef(proj[off], exact[off])[0, 1] > 0.9
+
+
+def test_joined_vector_weights_the_lexical_part():
+    v = np.array([[3.0, 4.0]], np.float32)
+    lex = np.array([[0.0, 1.0, 0.0]], np.float32)
+    j = lexical.joined(v, lex, 1.5)
+    assert np.allclose(j, [[0.6, 0.8, 0.0, 1.5, 0.0]])
+    assert np.allclose(lexical.joined(v, lex, 0), [[0.6, 0.8]]) and np.allclose(lexical.joined(v, None, 2), [[0.6, 0.8]])
+
+
+def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path, capsys):  # noqa: F811
+    a = _corpus(tmp_path / "a.jsonl", TEXTS)
+    index = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "i"),
+                             "--num_lists", "4", "--batch_size", "7"])  # corpus lists: the lexical part by default
+    assert index.meta["lexical"] == lexical.DEFAULT_LEXICAL and index.meta["lexical_docs"] == len(TEXTS)
+    assert os.path.isfile(tmp_path / "i" / "lexical_df.npy")
+    loaded = kmer_index.Index.load(str(tmp_path / "i"))
+    space = lexical.LexicalSpace.fit(TEXTS)  # word statistics of the corpus, counted in batches of 7
+    assert np.array_equal(loaded.lexical.df, space.df)
+    v = kmer_index.encode_vectors(load_pretrained(str(ckpt)), TEXTS, "passage").astype(np.float16).astype(np.float32)
+    want = lexical.joined(kmer_index.routed(v, loaded.center, loaded.transform), space.encode(TEXTS),
+                          lexical.DEFAULT_LEXICAL)
+    assert loaded.centroids.shape[1] == v.shape[1] + lexical.DIMS
+    assert np.array_equal(loaded.codes, (want @ loaded.centroids.T).argmax(1))
+    assert np.linalg.norm(loaded.centroids[:, v.shape[1]:], axis=1).min() > 0.1  # the lists hold the words too
+    # queries route the same way, from their text
+    assert [h["codes"][0] for h in loaded.search(v, n_probe=1, texts=TEXTS)] == loaded.codes.tolist()
+    with pytest.raises(ValueError):
+        loaded.search(v, n_probe=1)
+    hits = kmer_index.main(["query", "--index", str(tmp_path / "i"), "--query", TEXTS[3], "--n_probe", "1"])
+    assert hits[0]["codes"] == [int(loaded.codes[3])]
+    # an appended corpus keeps the index's word statistics (like its centre and lists)
+    b = _corpus(tmp_path / "b.jsonl", ["cheese making in the alps", "volcanoes of iceland"], start=len(TEXTS))
+    kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", b, "--index", str(tmp_path / "i"), "--append"])
+    grown = kmer_index.Index.load(str(tmp_path / "i"))
+    assert np.array_equal(grown.lexical.df, space.df) and grown.meta["lexical_docs"] == len(TEXTS)
+    assert np.array_equal(grown.codes[:len(TEXTS)], loaded.codes)
+    # --lexical with the model's codebook, or below 0: one clear line
+    for flags in (["--lists", "model", "--lexical", "1"], ["--lexical", "-1"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "m"), *flags])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "--lexical" in err
+    meta = json.load(open(tmp_path / "i" / "index.json"))
+    assert meta["lexical_dims"] == lexical.DIMS
+
+
+def test_eval_lexical_rows_join_as_the_index_does():
+    import eval_filter
+    rng = np.random.default_rng(2)
+    d = (rng.normal(size=(200, 8)) + 1).astype(np.float32)
+    q = (rng.normal(size=(30, 8)) + 1).astype(np.float32)
+    ld = rng.normal(size=(200, 16)).astype(np.float32)
+    lq = rng.normal(size=(30, 16)).astype(np.float32)
+    ld /= np.linalg.norm(ld, axis=1, keepdims=True)
+    lq /= np.linalg.norm(lq, axis=1, keepdims=True)
+    mean, w = kmer_index.routing_transform(d, whiten=0.5)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    by_hand = eval_filter.ivf_on_teacher(unit(np.concatenate([unit((d - mean) @ w), 2 * ld], 1)),
+                                         unit(np.concatenate([unit((q - mean) @ w), 2 * lq], 1)), 8, 0)
+    got = eval_filter.kmeans_lists(d, q, 8, 0, center=True, whiten=0.5, lex=(ld, lq), weight=2.0)
+    assert all(np.array_equal(a, b) for a, b in zip(got[:2], by_hand[:2]))
+    plain = eval_filter.kmeans_lists(d, q, 8, 0, center=True, whiten=0.5)
+    assert not np.array_equal(plain[1], got[1])  # the lexical part changes the probe order
