@@ -329,11 +329,13 @@ def build(args) -> Index:
                     else:
                         sp.write(v.astype(np.float16).tobytes())
                         if weight:
+                            if len(word_cache) > 1_000_000:  # word -> bucket memo; bounded on huge corpora
+                                word_cache.clear()
                             bags = [lexical.bag(t, word_cache) for t in texts]
                             space.count(bags)
-                            for b, c in bags:
-                                lsp.write(np.stack([b, c], 1).astype(np.int64).tobytes())
-                            lex_sizes += [len(b) for b, _ in bags]
+                            for buckets, counts in bags:
+                                lsp.write(np.stack([buckets, counts], 1).astype(np.int64).tobytes())
+                            lex_sizes += [len(buckets) for buckets, _ in bags]
                     ids += [i for i, _, _ in chunk]
                     sources += [s for _, _, s in chunk]
                     bar.update(len(chunk))
@@ -350,7 +352,9 @@ def build(args) -> Index:
             whiten = whitening_power(args.whiten, args.lists, args.no_center)
             center, transform = routing_transform(sample, not args.no_center, whiten)
             words_at = np.concatenate(([0], np.cumsum(lex_sizes))).astype(np.int64)
-            pairs = (np.fromfile(lex_spool, dtype=np.int64).reshape(-1, 2) if weight else None)
+            n_pairs = os.path.getsize(lex_spool) // 16  # read from disk as needed, like the vectors
+            pairs = (np.memmap(lex_spool, dtype=np.int64, mode="r", shape=(n_pairs, 2)) if n_pairs
+                     else np.zeros((0, 2), np.int64))
 
             def route(rows: np.ndarray, v: np.ndarray) -> np.ndarray:  # passages `rows`, their vectors v
                 r = routed(v, center, transform)
