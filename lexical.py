@@ -1,4 +1,4 @@
-"""A lexical part beside the model's vectors: hashed word TF-IDF, projected to a few hundred dimensions.
+"""A lexical part beside the model's vectors: hashed word TF-IDF, projected to a fixed 2,048-dim vector.
 
 A coarse filter routes a query to the lists whose passages it resembles. The model's vectors say what a
 text is about; whether a passage shares the query's rare words (a name, a drug, a method) they say only
@@ -27,7 +27,6 @@ DIMS = 2048  # width of the projected vector (README: 512 and 1,024 measured low
 NONZERO = 8  # coordinates each bucket's sign vector touches
 DEFAULT_LEXICAL = 1.5  # weight of the lexical part in an index's routed vectors (README: chosen on four sets)
 _WORD = re.compile(r"\w+")
-_MASK = np.uint64((1 << 64) - 1)
 
 
 def words(text: str) -> list[str]:
