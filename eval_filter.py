@@ -318,6 +318,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--lexical", type=float, default=lexical.DEFAULT_LEXICAL,
                     help="weight of the hashed-word TF-IDF part in the _ivf_lexical rows (the model's, the peer's; "
                          "kmer_index.py build's default) and the lexical_ivf row (the part alone); 0 = no such rows")
+    ap.add_argument("--idf_power", type=float, default=lexical.IDF_POWER,
+                    help=f"the lexical part's word weights: idf ** this, as kmer_index.py build (default "
+                         f"{lexical.IDF_POWER:g}; 1 = plain idf)")
     ap.add_argument("--int8", action="store_true", help="encode with int8 dynamic quantisation of every Linear "
                                                        "layer (CPU; the report's name gets _int8)")
     ap.add_argument("--bag_only", action="store_true", help="encode with the weighted bag alone, skipping the "
@@ -367,6 +370,8 @@ def run(args) -> dict:
     L = args.num_lists or K  # lists of the corpus-fitted IVFs and the random codes
     if args.lexical < 0:
         raise UserError(f"--lexical {args.lexical:g}: give a weight >= 0 (0 = no lexical rows)")
+    if args.idf_power < 0:
+        raise UserError(f"--idf_power {args.idf_power:g}: give a power >= 0 (1 = plain idf)")
     if args.list_seeds < 1:
         raise UserError(f"--list_seeds {args.list_seeds}: give 1 or more k-means draws")
     t0 = time.time()
@@ -394,7 +399,7 @@ def run(args) -> dict:
     routings = [r for r in ROUTINGS if not r[3] or args.lexical]
     lex = None
     if args.lexical:
-        words = lexical.LexicalSpace.fit(docs)
+        words = lexical.LexicalSpace.fit(docs, idf_power=args.idf_power)
         lex = (words.encode(docs), words.encode(queries))
         results["lexical_ivf"] = seeded_lists_row(lambda s: ivf_on_teacher(*lex, L, s), seeds, rel_docs)[0]
     results["ivf_teacher"] = seeded_lists_row(lambda s: ivf_on_teacher(d_emb, q_emb, L, s), seeds, rel_docs)[0]
@@ -445,7 +450,7 @@ def run(args) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "int8": args.int8,
               "bag_only": args.bag_only, "bf16": args.bf16, "lists": L, "list_seeds": args.list_seeds,
-              "lexical": args.lexical, "lexical_dims": lexical.DIMS,
+              "lexical": args.lexical, "lexical_dims": lexical.DIMS, "lexical_idf_power": args.idf_power,
               "passages": len(docs),
               "query_set": hashlib.sha1("\n".join(map(str, qids)).encode()).hexdigest(),
               "queries": len(queries), "methods": results,

@@ -20,9 +20,9 @@ skips it), then half-whitening it (`transform.npy`: each principal axis of the c
 variance^(-P/2), P = `--whiten`, 0.5 by default, 0 = off); `--lists model` uses the model's own codebook
 (no fitting pass, no transform; README "Filter quality").
 `--lexical W` (corpus lists; default 1.5, 0 = off): the routed vector is the model's (centred, half-whitened,
-unit) beside W x a unit hashed-word TF-IDF vector (`lexical.py`), with document frequencies counted on the
-corpus (`lexical_df.npy`); queries route the same way from their text (README "Adopted: a lexical part in
-the lists").
+unit) beside W x a unit hashed-word TF-IDF vector (`lexical.py`; words weighted by idf ** `--idf_power`, 2 by
+default), with document frequencies counted on the corpus (`lexical_df.npy`); queries route the same way from
+their text (README "Adopted: a lexical part in the lists", "Adopted: idf squared in the lexical part").
 """
 from __future__ import annotations
 
@@ -163,8 +163,8 @@ class Index:
         self.center = center  # (d,) subtracted from every vector before routing; None = no centring
         self.transform = transform  # (d, d) applied after centring (--whiten); None = none
         self.lexical_weight = float(meta.get("lexical", 0.0))  # 0: the model's vectors alone
-        self.lexical = None if lexical_df is None else lexical.LexicalSpace(
-            lexical_df, meta["lexical_docs"], meta["lexical_dims"])
+        self.lexical = None if lexical_df is None else lexical.LexicalSpace(  # built before idf powers: plain idf
+            lexical_df, meta["lexical_docs"], meta["lexical_dims"], meta.get("lexical_idf_power", 1.0))
         self.offsets, self.members = inverted_lists(codes, len(centroids))
 
     @classmethod
@@ -290,6 +290,10 @@ def build(args) -> Index:
         raise UserError(f"--whiten {args.whiten:g}: give a power >= 0 (0.5 = half-whitening), with --lists corpus "
                         f"(it is fitted to the corpus)")
     weight = lexical_weight(getattr(args, "lexical", None), args.lists)
+    idf_power = getattr(args, "idf_power", lexical.IDF_POWER)
+    if idf_power < 0:
+        raise UserError(f"--idf_power {idf_power:g}: give a power >= 0 (1 = plain idf, "
+                        f"{lexical.IDF_POWER:g} = the default)")
     sha = _sha(args.checkpoint)
     old = Index.load(args.index, sha) if args.append else None
     # an appended corpus encodes as the index was built
@@ -307,7 +311,7 @@ def build(args) -> Index:
     os.makedirs(args.index, exist_ok=True)
     spool = os.path.join(args.index, ".tmp_vectors.f16")  # corpus lists: vectors wait here, not in memory
     lex_spool = os.path.join(args.index, ".tmp_words.i64")  # and each passage's (word bucket, count) pairs
-    space, lex_sizes, word_cache = lexical.LexicalSpace(), [], {}
+    space, lex_sizes, word_cache = lexical.LexicalSpace(idf_power=idf_power), [], {}
     ids, sources, codes, dim = [], [], [], 0
     seen = set(old.meta.get("text_hashes", [])) if old is not None else set()
     fields = dict(id_field=args.id_field, text_field=args.text_field)
@@ -381,10 +385,12 @@ def build(args) -> Index:
     lexical_df = None
     if old is not None and old.lexical is not None:  # an appended corpus keeps the index's word statistics
         lexical_df = old.lexical.df
-        meta.update({k: old.meta[k] for k in ("lexical", "lexical_dims", "lexical_docs")})
+        meta.update({k: old.meta[k] for k in ("lexical", "lexical_dims", "lexical_docs", "lexical_idf_power")
+                     if k in old.meta})
     elif old is None and weight:
         lexical_df = space.df
-        meta.update(lexical=weight, lexical_dims=space.dims, lexical_docs=space.n_docs)
+        meta.update(lexical=weight, lexical_dims=space.dims, lexical_docs=space.n_docs,
+                    lexical_idf_power=space.idf_power)
     if args.unique_text:
         meta["text_hashes"] = sorted(seen)
     sources = np.asarray(sources, dtype=np.int64).reshape(-1, 2)
@@ -474,6 +480,9 @@ def main(argv=None):
                    help="--lists corpus: weight of the hashed-word TF-IDF part beside the model's vector in what the "
                         f"lists are fitted to and searched with (default {lexical.DEFAULT_LEXICAL:g}; 0 = off; README "
                         "'Adopted: a lexical part in the lists')")
+    b.add_argument("--idf_power", type=float, default=lexical.IDF_POWER,
+                   help=f"the lexical part's word weights: idf ** this (default {lexical.IDF_POWER:g}; 1 = plain idf; "
+                        "README 'Adopted: idf squared in the lexical part')")
     b.add_argument("--append", action="store_true", help="add passages to an existing index (same lists)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index")
     b.add_argument("--batch_size", type=int, default=512)

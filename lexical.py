@@ -5,7 +5,7 @@ text is about; whether a passage shares the query's rare words (a name, a drug, 
 roughly. This module adds that signal as a dense vector an IVF can fit lists to:
 
     words (NFKC, lowercase, \\w+ runs) -> hashed into BUCKETS rows (no vocabulary is stored)
-    weight = (1 + log tf) * idf, idf = log((N + 1) / (df + 1)) + 1 with df counted on the corpus
+    weight = (1 + log tf) * idf ** IDF_POWER, idf = log((N + 1) / (df + 1)) + 1 with df counted on the corpus
     vector = sum of weight * the bucket's fixed sparse random sign vector (8 of DIMS coordinates), unit norm
 
 An index routes on [unit model vector, weight * unit lexical vector] (`kmer_index.py build --lexical`,
@@ -26,6 +26,7 @@ BUCKETS = 1 << 20  # hashed word rows (document frequencies: 4 MB of int32)
 DIMS = 2048  # width of the projected vector (README: 512 and 1,024 measured lower)
 NONZERO = 8  # coordinates each bucket's sign vector touches
 DEFAULT_LEXICAL = 1.5  # weight of the lexical part in an index's routed vectors (README: chosen on four sets)
+IDF_POWER = 2.0  # idf ** IDF_POWER: the rarest words carry the vector (README "Adopted: idf squared"; 1 = plain idf)
 _WORD = re.compile(r"\w+")
 
 
@@ -78,11 +79,12 @@ def sign_vectors(buckets: np.ndarray, dims: int = DIMS, nonzero: int = NONZERO) 
 class LexicalSpace:
     """Document frequencies of a corpus over hashed words, and the projected TF-IDF vectors they give."""
 
-    def __init__(self, df: np.ndarray | None = None, n_docs: int = 0, dims: int = DIMS):
+    def __init__(self, df: np.ndarray | None = None, n_docs: int = 0, dims: int = DIMS,
+                 idf_power: float = IDF_POWER):
         self.df = np.zeros(BUCKETS, np.int32) if df is None else df.astype(np.int32)
         if self.df.shape != (BUCKETS,):
             raise ValueError(f"document frequencies have shape {self.df.shape}, not ({BUCKETS},)")
-        self.n_docs, self.dims = int(n_docs), int(dims)
+        self.n_docs, self.dims, self.idf_power = int(n_docs), int(dims), float(idf_power)
 
     def count(self, bags: list[tuple[np.ndarray, np.ndarray]]):
         """Add passages to the document frequencies (each distinct word once per passage)."""
@@ -91,7 +93,8 @@ class LexicalSpace:
         self.n_docs += len(bags)
 
     def idf(self, ids: np.ndarray) -> np.ndarray:
-        return (np.log((self.n_docs + 1) / (self.df[ids] + 1.0)) + 1.0).astype(np.float32)
+        """The words' weights: (log((N + 1) / (df + 1)) + 1) ** idf_power."""
+        return ((np.log((self.n_docs + 1) / (self.df[ids] + 1.0)) + 1.0) ** self.idf_power).astype(np.float32)
 
     def vectors(self, bags: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
         """(len(bags), dims) float32 unit vectors (zero for a text without words)."""
@@ -114,8 +117,8 @@ class LexicalSpace:
         return self.vectors([bag(t, cache) for t in texts])
 
     @classmethod
-    def fit(cls, texts: list[str], dims: int = DIMS) -> "LexicalSpace":
-        space = cls(dims=dims)
+    def fit(cls, texts: list[str], dims: int = DIMS, idf_power: float = IDF_POWER) -> "LexicalSpace":
+        space = cls(dims=dims, idf_power=idf_power)
         cache: dict = {}
         space.count([bag(t, cache) for t in texts])
         return space

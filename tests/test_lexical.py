@@ -46,7 +46,10 @@ def test_idf_weights_rare_shared_words_above_common_ones():
     space = lexical.LexicalSpace.fit(docs)
     common, rare = lexical.bag("common")[0], lexical.bag("quokka")[0]
     assert space.n_docs == 5 and space.df[common][0] == 5 and space.df[rare][0] == 1
-    assert space.idf(common)[0] == pytest.approx(1.0) and space.idf(rare)[0] == pytest.approx(np.log(6 / 2) + 1)
+    assert space.idf_power == lexical.IDF_POWER == 2.0
+    assert space.idf(common)[0] == pytest.approx(1.0) and space.idf(rare)[0] == pytest.approx((np.log(6 / 2) + 1) ** 2)
+    plain = lexical.LexicalSpace(space.df, space.n_docs, idf_power=1.0)
+    assert plain.idf(rare)[0] == pytest.approx(np.log(6 / 2) + 1) and plain.idf(common)[0] == pytest.approx(1.0)
     q = space.encode(["quokka common"])[0]
     d = space.encode(docs)
     assert np.allclose(np.linalg.norm(d, axis=1), 1, atol=1e-5)
@@ -58,6 +61,21 @@ def test_idf_weights_rare_shared_words_above_common_ones():
     want = (1 + np.log(3)) * space.idf(rare)[0] * s[0] + space.idf(common)[0] * s[1]
     assert np.allclose(got, want / np.linalg.norm(want), atol=1e-6)
     assert space.vectors([lexical.bag("")])[0].tolist() == [0.0] * lexical.DIMS  # no words: a zero vector
+
+
+def test_a_higher_idf_power_leans_the_vector_on_the_rarer_words():
+    docs = ["rare topic words"] + [f"topic words filler{i}" for i in range(9)] + [f"words alone{i}" for i in range(10)]
+    text = ["rare topic words words words"]  # idf: rare 3.35, topic 1.65, words 1.0 (df 1, 10, 20 of 20)
+    ids = {w: lexical.bag(w)[0] for w in ("rare", "topic", "words")}
+    leans = []
+    for power in (0.0, 1.0, 2.0, 3.0):
+        v = lexical.LexicalSpace.fit(docs, idf_power=power).encode(text)[0]
+        s = {w: lexical.sign_vectors(i)[0] for w, i in ids.items()}
+        share = {w: float(v @ s[w]) for w in s}
+        leans.append(share["rare"] - share["words"])
+        if power == 0:  # no idf: (1 + log 3) for the thrice-said common word, 1 for the rare one
+            assert share["words"] > share["rare"]
+    assert all(a < b for a, b in zip(leans, leans[1:])) and leans[-1] > 0.5
 
 
 def test_projection_keeps_tfidf_cosines():
@@ -114,7 +132,18 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and "--lexical" in err
     meta = json.load(open(tmp_path / "i" / "index.json"))
-    assert meta["lexical_dims"] == lexical.DIMS
+    assert meta["lexical_dims"] == lexical.DIMS and meta["lexical_idf_power"] == lexical.IDF_POWER
+    assert loaded.lexical.idf_power == grown.lexical.idf_power == lexical.IDF_POWER
+    # an index built before the power was recorded routes with plain idf, as it was built
+    meta.pop("lexical_idf_power")
+    json.dump(meta, open(tmp_path / "i" / "index.json", "w"))
+    assert kmer_index.Index.load(str(tmp_path / "i")).lexical.idf_power == 1.0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "p"),
+                         "--idf_power", "-1"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--idf_power" in err
 
 
 def test_eval_lexical_rows_join_as_the_index_does():
