@@ -207,15 +207,17 @@ ROUTINGS = (("_ivf", False, 0.0, False), ("_ivf_centred", True, 0.0, False),
 
 
 def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int, center: bool = False,
-                 whiten: float = 0.0, lex: tuple | None = None, weight: float = 0.0):
+                 whiten: float = 0.0, lex: tuple | None = None, weight: float = 0.0, query_weight: float | None = None):
     """Spherical k-means IVF (FAISS) on any vectors: (doc list, query probe order, lists). center: first
     subtract the corpus's mean vector from passages and queries; whiten: then `kmer_index.py build --whiten`'s
     corpus-fitted scaling of the principal axes; lex = (passages', queries' lexical vectors): then beside them
-    at `weight` (`kmer_index.py build --lexical`; all three is what a build does by default)."""
+    at `weight`, the queries' at `query_weight` (default: `weight`; `kmer_index.py build --lexical`, `--query_scale`;
+    all three is what a build does by default)."""
     mean, transform = routing_transform(d_emb, center, whiten)
     d_emb, q_emb = routed(d_emb, mean, transform), routed(q_emb, mean, transform)
     if lex is not None:
-        d_emb, q_emb = lexical.joined(d_emb, lex[0], weight), lexical.joined(q_emb, lex[1], weight)
+        q_weight = weight if query_weight is None else query_weight
+        d_emb, q_emb = lexical.joined(d_emb, lex[0], weight), lexical.joined(q_emb, lex[1], q_weight)
     d = d_emb / np.linalg.norm(d_emb, axis=1, keepdims=True).clip(min=1e-12)
     q = q_emb / np.linalg.norm(q_emb, axis=1, keepdims=True).clip(min=1e-12)
     return ivf_on_teacher(d, q, K, seed)
@@ -318,6 +320,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--lexical", type=float, default=lexical.DEFAULT_LEXICAL,
                     help="weight of the hashed-word TF-IDF part in the _ivf_lexical rows (the model's, the peer's; "
                          "kmer_index.py build's default) and the lexical_ivf row (the part alone); 0 = no such rows")
+    ap.add_argument("--query_scale", type=float, default=lexical.QUERY_SCALE,
+                    help=f"the queries' lexical part at this x --lexical in the _ivf_lexical rows, as kmer_index.py "
+                         f"build (default {lexical.QUERY_SCALE:g}; 1 = as passages)")
     ap.add_argument("--idf_power", type=float, default=lexical.IDF_POWER,
                     help=f"the lexical part's word weights: idf ** this, as kmer_index.py build (default "
                          f"{lexical.IDF_POWER:g}; 1 = plain idf)")
@@ -372,6 +377,8 @@ def run(args) -> dict:
         raise UserError(f"--lexical {args.lexical:g}: give a weight >= 0 (0 = no lexical rows)")
     if args.idf_power < 0:
         raise UserError(f"--idf_power {args.idf_power:g}: give a power >= 0 (1 = plain idf)")
+    if args.query_scale <= 0:
+        raise UserError(f"--query_scale {args.query_scale:g}: give a scale > 0 (1 = queries as passages)")
     if args.list_seeds < 1:
         raise UserError(f"--list_seeds {args.list_seeds}: give 1 or more k-means draws")
     t0 = time.time()
@@ -417,7 +424,8 @@ def run(args) -> dict:
         m_queries = m2v.encode(queries)
         for key, center, whiten, lexed in routings:
             results["model2vec" + key] = seeded_lists_row(
-                lambda s: kmeans_lists(m_docs, m_queries, L, s, center, whiten, lex if lexed else None, args.lexical),
+                lambda s: kmeans_lists(m_docs, m_queries, L, s, center, whiten, lex if lexed else None, args.lexical,
+                                       args.lexical * args.query_scale),
                 seeds, rel_docs)[0]
     # the model's vectors with lists fitted to this corpus, exactly as the peers' IVF is built (what
     # `kmer_index.py --lists corpus` does); then where recall is lost: exact search on the model's own
@@ -426,7 +434,8 @@ def run(args) -> dict:
     own_lists = {}
     for key, center, whiten, lexed in routings:
         results["kmer_vqvae" + key], own_lists[key] = seeded_lists_row(
-            lambda s: kmeans_lists(p_raw, q_raw, L, s, center, whiten, lex if lexed else None, args.lexical),
+            lambda s: kmeans_lists(p_raw, q_raw, L, s, center, whiten, lex if lexed else None, args.lexical,
+                                   args.lexical * args.query_scale),
             seeds, rel_docs)
     # the first draw's lists as kmer_index builds them by default (with the lexical part unless --lexical 0)
     report_two_stage = two_stage(*own_lists["_ivf_lexical" if args.lexical else "_ivf_whitened"][:2], q_emb, d_emb,
@@ -451,6 +460,7 @@ def run(args) -> dict:
     report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "int8": args.int8,
               "bag_only": args.bag_only, "bf16": args.bf16, "lists": L, "list_seeds": args.list_seeds,
               "lexical": args.lexical, "lexical_dims": lexical.DIMS, "lexical_idf_power": args.idf_power,
+              "lexical_query_scale": args.query_scale,
               "passages": len(docs),
               "query_set": hashlib.sha1("\n".join(map(str, qids)).encode()).hexdigest(),
               "queries": len(queries), "methods": results,

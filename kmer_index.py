@@ -22,7 +22,8 @@ variance^(-P/2), P = `--whiten`, 0.5 by default, 0 = off); `--lists model` uses 
 `--lexical W` (corpus lists; default 1.5, 0 = off): the routed vector is the model's (centred, half-whitened,
 unit) beside W x a unit hashed-word TF-IDF vector (`lexical.py`; words weighted by idf ** `--idf_power`, 2 by
 default), with document frequencies counted on the corpus (`lexical_df.npy`); queries route the same way from
-their text (README "Adopted: a lexical part in the lists", "Adopted: idf squared in the lexical part").
+their text, their lexical part at `--query_scale` (1.5) x W (README "Adopted: a lexical part in the lists",
+"Adopted: idf squared in the lexical part").
 """
 from __future__ import annotations
 
@@ -163,6 +164,7 @@ class Index:
         self.center = center  # (d,) subtracted from every vector before routing; None = no centring
         self.transform = transform  # (d, d) applied after centring (--whiten); None = none
         self.lexical_weight = float(meta.get("lexical", 0.0))  # 0: the model's vectors alone
+        self.query_scale = float(meta.get("lexical_query_scale", 1.0))  # built before the scale: queries as passages
         self.lexical = None if lexical_df is None else lexical.LexicalSpace(  # built before idf powers: plain idf
             lexical_df, meta["lexical_docs"], meta["lexical_dims"], meta.get("lexical_idf_power", 1.0))
         self.offsets, self.members = inverted_lists(codes, len(centroids))
@@ -203,15 +205,17 @@ class Index:
         _save_json(folder, "ids.json", self.ids)
         _save_json(folder, "index.json", {**self.meta, "passages": len(self.ids)})  # last: marks it complete
 
-    def route(self, vectors: np.ndarray, texts: list[str] | None = None) -> np.ndarray:
+    def route(self, vectors: np.ndarray, texts: list[str] | None = None, query: bool = False) -> np.ndarray:
         """The vectors the lists are fitted to and searched with: centred and whitened as the index is, then,
-        for an index with a lexical part, at unit norm beside its weight x the texts' lexical vectors."""
+        for an index with a lexical part, at unit norm beside its weight x the texts' lexical vectors (queries:
+        the weight x `lexical_query_scale`)."""
         v = routed(vectors, self.center, self.transform)
         if self.lexical is None:
             return v
         if texts is None or len(texts) != len(v):
             raise ValueError("this index routes on text too (a lexical part): pass the texts beside the vectors")
-        return lexical.joined(v, self.lexical.encode(texts), self.lexical_weight)
+        weight = self.lexical_weight * (self.query_scale if query else 1.0)
+        return lexical.joined(v, self.lexical.encode(texts), weight)
 
     def search(self, q_vec: np.ndarray, n_probe: int = 0, budget: float = 0.0,
                texts: list[str] | None = None) -> list[dict]:
@@ -220,7 +224,7 @@ class Index:
         N = len(self.codes)
         limit = budget * N if 0 < budget < 1 else budget
         out = []
-        for order in np.argsort(-(self.route(q_vec, texts) @ self.centroids.T), axis=1, kind="stable"):
+        for order in np.argsort(-(self.route(q_vec, texts, query=True) @ self.centroids.T), axis=1, kind="stable"):
             probe, cand = probe_lists(order, self.offsets, self.members, n_probe, limit)
             out.append({"codes": probe.tolist(), "candidates": cand, "fraction_kept": len(cand) / max(1, N)})
         return out
@@ -294,6 +298,10 @@ def build(args) -> Index:
     if idf_power < 0:
         raise UserError(f"--idf_power {idf_power:g}: give a power >= 0 (1 = plain idf, "
                         f"{lexical.IDF_POWER:g} = the default)")
+    query_scale = getattr(args, "query_scale", lexical.QUERY_SCALE)
+    if query_scale <= 0:
+        raise UserError(f"--query_scale {query_scale:g}: give a scale > 0 (1 = queries weigh their words as "
+                        f"passages do, {lexical.QUERY_SCALE:g} = the default)")
     sha = _sha(args.checkpoint)
     old = Index.load(args.index, sha) if args.append else None
     # an appended corpus encodes as the index was built
@@ -385,12 +393,12 @@ def build(args) -> Index:
     lexical_df = None
     if old is not None and old.lexical is not None:  # an appended corpus keeps the index's word statistics
         lexical_df = old.lexical.df
-        meta.update({k: old.meta[k] for k in ("lexical", "lexical_dims", "lexical_docs", "lexical_idf_power")
-                     if k in old.meta})
+        meta.update({k: old.meta[k] for k in ("lexical", "lexical_dims", "lexical_docs", "lexical_idf_power",
+                                              "lexical_query_scale") if k in old.meta})
     elif old is None and weight:
         lexical_df = space.df
         meta.update(lexical=weight, lexical_dims=space.dims, lexical_docs=space.n_docs,
-                    lexical_idf_power=space.idf_power)
+                    lexical_idf_power=space.idf_power, lexical_query_scale=query_scale)
     if args.unique_text:
         meta["text_hashes"] = sorted(seen)
     sources = np.asarray(sources, dtype=np.int64).reshape(-1, 2)
@@ -483,6 +491,9 @@ def main(argv=None):
     b.add_argument("--idf_power", type=float, default=lexical.IDF_POWER,
                    help=f"the lexical part's word weights: idf ** this (default {lexical.IDF_POWER:g}; 1 = plain idf; "
                         "README 'Adopted: idf squared in the lexical part')")
+    b.add_argument("--query_scale", type=float, default=lexical.QUERY_SCALE,
+                   help=f"a query's lexical part picks lists at this x --lexical (default {lexical.QUERY_SCALE:g}; 1 = "
+                        "as passages are routed; README 'Adopted: idf squared in the lexical part')")
     b.add_argument("--append", action="store_true", help="add passages to an existing index (same lists)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index")
     b.add_argument("--batch_size", type=int, default=512)

@@ -9,7 +9,8 @@ roughly. This module adds that signal as a dense vector an IVF can fit lists to:
     vector = sum of weight * the bucket's fixed sparse random sign vector (8 of DIMS coordinates), unit norm
 
 An index routes on [unit model vector, weight * unit lexical vector] (`kmer_index.py build --lexical`,
-README "Adopted: a lexical part in the lists"). The document frequencies are fitted to the corpus an index
+README "Adopted: a lexical part in the lists"); queries pick their lists with the lexical part at
+QUERY_SCALE x the weight. The document frequencies are fitted to the corpus an index
 holds, as its centre and lists are; queries use the corpus's. Deterministic: the same words give the same
 vector in every process (blake2b, not Python's salted hash).
 """
@@ -27,6 +28,7 @@ DIMS = 2048  # width of the projected vector (README: 512 and 1,024 measured low
 NONZERO = 8  # coordinates each bucket's sign vector touches
 DEFAULT_LEXICAL = 1.5  # weight of the lexical part in an index's routed vectors (README: chosen on four sets)
 IDF_POWER = 2.0  # idf ** IDF_POWER: the rarest words carry the vector (README "Adopted: idf squared"; 1 = plain idf)
+QUERY_SCALE = 1.5  # a query's lexical part weighs this x a passage's when it picks lists (README "Adopted: idf squared")
 _WORD = re.compile(r"\w+")
 
 

@@ -112,17 +112,22 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     assert loaded.centroids.shape[1] == v.shape[1] + lexical.DIMS
     assert np.array_equal(loaded.codes, (want @ loaded.centroids.T).argmax(1))
     assert np.linalg.norm(loaded.centroids[:, v.shape[1]:], axis=1).min() > 0.1  # the lists hold the words too
-    # queries route the same way, from their text
-    assert [h["codes"][0] for h in loaded.search(v, n_probe=1, texts=TEXTS)] == loaded.codes.tolist()
+    # queries route the same way, from their text, their lexical part at the query scale
+    assert loaded.query_scale == lexical.QUERY_SCALE == 1.5 and index.meta["lexical_query_scale"] == 1.5
+    as_queries = lexical.joined(kmer_index.routed(v, loaded.center, loaded.transform), space.encode(TEXTS),
+                                lexical.DEFAULT_LEXICAL * lexical.QUERY_SCALE)
+    order = np.argsort(-(as_queries @ loaded.centroids.T), axis=1, kind="stable")
+    assert [h["codes"] for h in loaded.search(v, n_probe=3, texts=TEXTS)] == order[:, :3].tolist()
     with pytest.raises(ValueError):
         loaded.search(v, n_probe=1)
     hits = kmer_index.main(["query", "--index", str(tmp_path / "i"), "--query", TEXTS[3], "--n_probe", "1"])
-    assert hits[0]["codes"] == [int(loaded.codes[3])]
+    assert hits[0]["codes"] == [int(order[3, 0])]
     # an appended corpus keeps the index's word statistics (like its centre and lists)
     b = _corpus(tmp_path / "b.jsonl", ["cheese making in the alps", "volcanoes of iceland"], start=len(TEXTS))
     kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", b, "--index", str(tmp_path / "i"), "--append"])
     grown = kmer_index.Index.load(str(tmp_path / "i"))
     assert np.array_equal(grown.lexical.df, space.df) and grown.meta["lexical_docs"] == len(TEXTS)
+    assert grown.query_scale == lexical.QUERY_SCALE
     assert np.array_equal(grown.codes[:len(TEXTS)], loaded.codes)
     # --lexical with the model's codebook, or below 0: one clear line
     for flags in (["--lists", "model", "--lexical", "1"], ["--lexical", "-1"]):
@@ -134,16 +139,19 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     meta = json.load(open(tmp_path / "i" / "index.json"))
     assert meta["lexical_dims"] == lexical.DIMS and meta["lexical_idf_power"] == lexical.IDF_POWER
     assert loaded.lexical.idf_power == grown.lexical.idf_power == lexical.IDF_POWER
-    # an index built before the power was recorded routes with plain idf, as it was built
-    meta.pop("lexical_idf_power")
+    # an index built before the power and the scale were recorded routes as it was built: plain idf, queries
+    # weighing their words as passages do
+    meta.pop("lexical_idf_power"), meta.pop("lexical_query_scale")
     json.dump(meta, open(tmp_path / "i" / "index.json", "w"))
-    assert kmer_index.Index.load(str(tmp_path / "i")).lexical.idf_power == 1.0
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "p"),
-                         "--idf_power", "-1"])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--idf_power" in err
+    old = kmer_index.Index.load(str(tmp_path / "i"))
+    assert old.lexical.idf_power == 1.0 and old.query_scale == 1.0
+    for flag, bad in (("--idf_power", "-1"), ("--query_scale", "0")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "p"),
+                             flag, bad])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and flag in err
 
 
 def test_eval_lexical_rows_join_as_the_index_does():
@@ -161,5 +169,11 @@ def test_eval_lexical_rows_join_as_the_index_does():
                                          unit(np.concatenate([unit((q - mean) @ w), 2 * lq], 1)), 8, 0)
     got = eval_filter.kmeans_lists(d, q, 8, 0, center=True, whiten=0.5, lex=(ld, lq), weight=2.0)
     assert all(np.array_equal(a, b) for a, b in zip(got[:2], by_hand[:2]))
+    # the queries' part at its own weight (kmer_index.py build --query_scale): same lists, queries joined at 3
+    by_hand = eval_filter.ivf_on_teacher(unit(np.concatenate([unit((d - mean) @ w), 2 * ld], 1)),
+                                         unit(np.concatenate([unit((q - mean) @ w), 3 * lq], 1)), 8, 0)
+    scaled = eval_filter.kmeans_lists(d, q, 8, 0, center=True, whiten=0.5, lex=(ld, lq), weight=2.0, query_weight=3.0)
+    assert all(np.array_equal(a, b) for a, b in zip(scaled[:2], by_hand[:2]))
+    assert np.array_equal(scaled[0], got[0]) and not np.array_equal(scaled[1], got[1])
     plain = eval_filter.kmeans_lists(d, q, 8, 0, center=True, whiten=0.5)
     assert not np.array_equal(plain[1], got[1])  # the lexical part changes the probe order
