@@ -375,10 +375,10 @@ def run(args) -> dict:
     L = args.num_lists or K  # lists of the corpus-fitted IVFs and the random codes
     if args.lexical < 0:
         raise UserError(f"--lexical {args.lexical:g}: give a weight >= 0 (0 = no lexical rows)")
-    if args.idf_power < 0:
-        raise UserError(f"--idf_power {args.idf_power:g}: give a power >= 0 (1 = plain idf)")
-    if args.query_scale <= 0:
-        raise UserError(f"--query_scale {args.query_scale:g}: give a scale > 0 (1 = queries as passages)")
+    try:
+        lexical.check_settings(args.idf_power, args.query_scale)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.list_seeds < 1:
         raise UserError(f"--list_seeds {args.list_seeds}: give 1 or more k-means draws")
     t0 = time.time()
@@ -404,6 +404,7 @@ def run(args) -> dict:
     seeds = range(args.seed, args.seed + args.list_seeds)  # k-means draws of every corpus-fitted IVF row
     # the lexical part of the lists (word statistics fitted to this corpus, as kmer_index.py build does)
     routings = [r for r in ROUTINGS if not r[3] or args.lexical]
+    q_weight = args.lexical * args.query_scale  # a query's lexical part picks lists at this, as in kmer_index.py
     lex = None
     if args.lexical:
         words = lexical.LexicalSpace.fit(docs, idf_power=args.idf_power)
@@ -425,7 +426,7 @@ def run(args) -> dict:
         for key, center, whiten, lexed in routings:
             results["model2vec" + key] = seeded_lists_row(
                 lambda s: kmeans_lists(m_docs, m_queries, L, s, center, whiten, lex if lexed else None, args.lexical,
-                                       args.lexical * args.query_scale),
+                                       q_weight),
                 seeds, rel_docs)[0]
     # the model's vectors with lists fitted to this corpus, exactly as the peers' IVF is built (what
     # `kmer_index.py --lists corpus` does); then where recall is lost: exact search on the model's own
@@ -435,7 +436,7 @@ def run(args) -> dict:
     for key, center, whiten, lexed in routings:
         results["kmer_vqvae" + key], own_lists[key] = seeded_lists_row(
             lambda s: kmeans_lists(p_raw, q_raw, L, s, center, whiten, lex if lexed else None, args.lexical,
-                                   args.lexical * args.query_scale),
+                                   q_weight),
             seeds, rel_docs)
     # the first draw's lists as kmer_index builds them by default (with the lexical part unless --lexical 0)
     report_two_stage = two_stage(*own_lists["_ivf_lexical" if args.lexical else "_ivf_whitened"][:2], q_emb, d_emb,

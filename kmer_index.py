@@ -294,14 +294,10 @@ def build(args) -> Index:
         raise UserError(f"--whiten {args.whiten:g}: give a power >= 0 (0.5 = half-whitening), with --lists corpus "
                         f"(it is fitted to the corpus)")
     weight = lexical_weight(getattr(args, "lexical", None), args.lists)
-    idf_power = getattr(args, "idf_power", lexical.IDF_POWER)
-    if idf_power < 0:
-        raise UserError(f"--idf_power {idf_power:g}: give a power >= 0 (1 = plain idf, "
-                        f"{lexical.IDF_POWER:g} = the default)")
-    query_scale = getattr(args, "query_scale", lexical.QUERY_SCALE)
-    if query_scale <= 0:
-        raise UserError(f"--query_scale {query_scale:g}: give a scale > 0 (1 = queries weigh their words as "
-                        f"passages do, {lexical.QUERY_SCALE:g} = the default)")
+    try:
+        lexical.check_settings(args.idf_power, args.query_scale)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     sha = _sha(args.checkpoint)
     old = Index.load(args.index, sha) if args.append else None
     # an appended corpus encodes as the index was built
@@ -319,7 +315,7 @@ def build(args) -> Index:
     os.makedirs(args.index, exist_ok=True)
     spool = os.path.join(args.index, ".tmp_vectors.f16")  # corpus lists: vectors wait here, not in memory
     lex_spool = os.path.join(args.index, ".tmp_words.i64")  # and each passage's (word bucket, count) pairs
-    space, lex_sizes, word_cache = lexical.LexicalSpace(idf_power=idf_power), [], {}
+    space, lex_sizes, word_cache = lexical.LexicalSpace(idf_power=args.idf_power), [], {}
     ids, sources, codes, dim = [], [], [], 0
     seen = set(old.meta.get("text_hashes", [])) if old is not None else set()
     fields = dict(id_field=args.id_field, text_field=args.text_field)
@@ -398,7 +394,7 @@ def build(args) -> Index:
     elif old is None and weight:
         lexical_df = space.df
         meta.update(lexical=weight, lexical_dims=space.dims, lexical_docs=space.n_docs,
-                    lexical_idf_power=space.idf_power, lexical_query_scale=query_scale)
+                    lexical_idf_power=space.idf_power, lexical_query_scale=args.query_scale)
     if args.unique_text:
         meta["text_hashes"] = sorted(seen)
     sources = np.asarray(sources, dtype=np.int64).reshape(-1, 2)

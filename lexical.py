@@ -126,6 +126,16 @@ class LexicalSpace:
         return space
 
 
+def check_settings(idf_power: float, query_scale: float):
+    """One line naming the flag (`--idf_power`, `--query_scale`: kmer_index.py build and eval_filter.py) when a
+    setting cannot be used."""
+    if idf_power < 0:
+        raise ValueError(f"--idf_power {idf_power:g}: give a power >= 0 (1 = plain idf, {IDF_POWER:g} = the default)")
+    if query_scale <= 0:
+        raise ValueError(f"--query_scale {query_scale:g}: give a scale > 0 (1 = queries weigh their words as passages "
+                         f"do, {QUERY_SCALE:g} = the default)")
+
+
 def joined(vectors: np.ndarray, lexical: np.ndarray | None, weight: float) -> np.ndarray:
     """The routed vector: the model's (or any encoder's) vector at unit norm, beside `weight` x the unit
     lexical vector. weight 0 or no lexical part: the unit vector alone."""
