@@ -212,15 +212,22 @@ def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int, center
     subtract the corpus's mean vector from passages and queries; whiten: then `kmer_index.py build --whiten`'s
     corpus-fitted scaling of the principal axes; lex = (passages', queries' lexical vectors): then beside them
     at `weight`, the queries' at `query_weight` (default: `weight`; `kmer_index.py build --lexical`, `--query_scale`;
-    all three is what a build does by default)."""
+    all three is what a build does by default). lex = (projected passages, projected queries, exact passages,
+    exact queries) (`LexicalSpace.vectors`, `.sparse`): the lists are fitted on the projected part, then queries
+    pick them against each list's exact centroid, as a build's `--word_routing exact` does."""
     mean, transform = routing_transform(d_emb, center, whiten)
     d_emb, q_emb = routed(d_emb, mean, transform), routed(q_emb, mean, transform)
+    r_docs, r_queries = d_emb, q_emb
+    q_weight = weight if query_weight is None else query_weight
     if lex is not None:
-        q_weight = weight if query_weight is None else query_weight
         d_emb, q_emb = lexical.joined(d_emb, lex[0], weight), lexical.joined(q_emb, lex[1], q_weight)
     d = d_emb / np.linalg.norm(d_emb, axis=1, keepdims=True).clip(min=1e-12)
     q = q_emb / np.linalg.norm(q_emb, axis=1, keepdims=True).clip(min=1e-12)
-    return ivf_on_teacher(d, q, K, seed)
+    code, order, k = ivf_on_teacher(d, q, K, seed)
+    if lex is not None and len(lex) == 4:
+        lists = lexical.word_lists(code, k, r_docs, lex[2], weight)
+        order = np.argsort(-lexical.list_scores(r_queries, lex[3], q_weight, *lists), axis=1, kind="stable")
+    return code, order, k
 
 
 def model2vec_peer(teacher_path: str, fingerprint: str, cache_root: str, pca_dims: int = 256):
@@ -326,6 +333,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--idf_power", type=float, default=lexical.IDF_POWER,
                     help=f"the lexical part's word weights: idf ** this, as kmer_index.py build (default "
                          f"{lexical.IDF_POWER:g}; 1 = plain idf)")
+    ap.add_argument("--word_routing", default="exact", choices=("exact", "projected"),
+                    help="the lexical rows: queries pick lists against each list's exact centroid (exact, as "
+                         "kmer_index.py build does by default) or against the k-means centroids on the projected words")
     ap.add_argument("--int8", action="store_true", help="encode with int8 dynamic quantisation of every Linear "
                                                        "layer (CPU; the report's name gets _int8)")
     ap.add_argument("--bag_only", action="store_true", help="encode with the weighted bag alone, skipping the "
@@ -409,7 +419,11 @@ def run(args) -> dict:
     if args.lexical:
         words = lexical.LexicalSpace.fit(docs, idf_power=args.idf_power)
         lex = (words.encode(docs), words.encode(queries))
-        results["lexical_ivf"] = seeded_lists_row(lambda s: ivf_on_teacher(*lex, L, s), seeds, rel_docs)[0]
+        if args.word_routing == "exact":  # queries meet the lists' words unprojected, as a build does
+            lex += (words.encode_sparse(docs), words.encode_sparse(queries))
+        none = np.zeros((len(docs), 0), np.float32), np.zeros((len(queries), 0), np.float32)
+        results["lexical_ivf"] = seeded_lists_row(lambda s: kmeans_lists(*none, L, s, lex=lex, weight=1.0), seeds,
+                                                  rel_docs)[0]
     results["ivf_teacher"] = seeded_lists_row(lambda s: ivf_on_teacher(d_emb, q_emb, L, s), seeds, rel_docs)[0]
     speed = {"kmer_vqvae": student_pps, "teacher": teacher_pps, "ratio": student_pps / teacher_pps,
              "teacher_precision": teacher.precision}
@@ -461,7 +475,7 @@ def run(args) -> dict:
     report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "int8": args.int8,
               "bag_only": args.bag_only, "bf16": args.bf16, "lists": L, "list_seeds": args.list_seeds,
               "lexical": args.lexical, "lexical_dims": lexical.DIMS, "lexical_idf_power": args.idf_power,
-              "lexical_query_scale": args.query_scale,
+              "lexical_query_scale": args.query_scale, "word_routing": args.word_routing,
               "passages": len(docs),
               "query_set": hashlib.sha1("\n".join(map(str, qids)).encode()).hexdigest(),
               "queries": len(queries), "methods": results,

@@ -23,7 +23,10 @@ variance^(-P/2), P = `--whiten`, 0.5 by default, 0 = off); `--lists model` uses 
 unit) beside W x a unit hashed-word TF-IDF vector (`lexical.py`; words weighted by idf ** `--idf_power`, 2 by
 default), with document frequencies counted on the corpus (`lexical_df.npy`); queries route the same way from
 their text, their lexical part at `--query_scale` (1.5) x W (README "Adopted: a lexical part in the lists",
-"Adopted: idf squared in the lexical part").
+"Adopted: idf squared in the lexical part"). k-means fits the lists on the words projected to 2,048 dims; queries
+then pick lists against each list's exact centroid (`list_vectors.npy` (K, d) and `list_words_{indptr,cols,vals}.npy`,
+the list's words unprojected; `--word_routing projected` skips them: README "Adopted: queries meet the lists'
+words exactly").
 """
 from __future__ import annotations
 
@@ -159,8 +162,10 @@ def routing_transform(sample: np.ndarray, center: bool = True, whiten: float = 0
 class Index:
     """An index in memory: centroids, codes, ids, sources; `search` gives candidate passages."""
 
-    def __init__(self, meta: dict, centroids, codes, ids, sources, center=None, transform=None, lexical_df=None):
+    def __init__(self, meta: dict, centroids, codes, ids, sources, center=None, transform=None, lexical_df=None,
+                 word_lists=None):
         self.meta, self.centroids, self.codes, self.ids, self.sources = meta, centroids, codes, ids, sources
+        self.word_lists = word_lists  # (dense (K, d), csr (K, BUCKETS)): exact list centroids; None = projected
         self.center = center  # (d,) subtracted from every vector before routing; None = no centring
         self.transform = transform  # (d, d) applied after centring (--whiten); None = none
         self.lexical_weight = float(meta.get("lexical", 0.0))  # 0: the model's vectors alone
@@ -179,8 +184,14 @@ class Index:
             raise UserError(f"{folder} has index format {meta.get('format')!r}, not {INDEX_FORMAT!r}: rebuild it")
         ld = lambda n: np.load(os.path.join(folder, n), allow_pickle=False)
         opt = lambda n: ld(n) if os.path.isfile(os.path.join(folder, n)) else None
+        words = None
+        if os.path.isfile(os.path.join(folder, "list_vectors.npy")):
+            from scipy.sparse import csr_matrix
+            dense = ld("list_vectors.npy")
+            words = (dense, csr_matrix((ld("list_words_vals.npy"), ld("list_words_cols.npy"),
+                                        ld("list_words_indptr.npy")), shape=(len(dense), lexical.BUCKETS)))
         index = cls(meta, ld("centroids.npy"), ld("codes.npy"), json.load(open(os.path.join(folder, "ids.json"))),
-                    ld("sources.npy"), opt("center.npy"), opt("transform.npy"), opt("lexical_df.npy"))
+                    ld("sources.npy"), opt("center.npy"), opt("transform.npy"), opt("lexical_df.npy"), words)
         if checkpoint_sha:
             index.check_checkpoint(checkpoint_sha, folder)
         return index
@@ -202,6 +213,12 @@ class Index:
                 _save_npy(folder, name, arr.astype(np.float32))
         if self.lexical is not None:
             _save_npy(folder, "lexical_df.npy", self.lexical.df)
+        if self.word_lists is not None:
+            dense, words = self.word_lists
+            for name, arr in (("list_vectors.npy", dense.astype(np.float32)), ("list_words_vals.npy", words.data),
+                              ("list_words_cols.npy", words.indices.astype(np.int32)),
+                              ("list_words_indptr.npy", words.indptr.astype(np.int64))):
+                _save_npy(folder, name, arr)
         _save_json(folder, "ids.json", self.ids)
         _save_json(folder, "index.json", {**self.meta, "passages": len(self.ids)})  # last: marks it complete
 
@@ -217,6 +234,18 @@ class Index:
         weight = self.lexical_weight * (self.query_scale if query else 1.0)
         return lexical.joined(v, self.lexical.encode(texts), weight)
 
+    def list_scores(self, vectors: np.ndarray, texts: list[str] | None = None, query: bool = False) -> np.ndarray:
+        """(n, K): how near each text is to each list (higher = nearer). With exact word lists: the routed vector
+        and the texts' unprojected words against each list's exact centroid; else the routed vector against
+        the k-means centroids."""
+        if self.word_lists is None:
+            return self.route(vectors, texts, query) @ self.centroids.T
+        if texts is None or len(texts) != len(vectors):
+            raise ValueError("this index routes on text too (a lexical part): pass the texts beside the vectors")
+        weight = self.lexical_weight * (self.query_scale if query else 1.0)
+        return lexical.list_scores(routed(vectors, self.center, self.transform), self.lexical.encode_sparse(texts),
+                                   weight, *self.word_lists)
+
     def search(self, q_vec: np.ndarray, n_probe: int = 0, budget: float = 0.0,
                texts: list[str] | None = None) -> list[dict]:
         """Per query: probe the nearest lists until n_probe lists, or until `budget` passages (a count,
@@ -224,7 +253,7 @@ class Index:
         N = len(self.codes)
         limit = budget * N if 0 < budget < 1 else budget
         out = []
-        for order in np.argsort(-(self.route(q_vec, texts, query=True) @ self.centroids.T), axis=1, kind="stable"):
+        for order in np.argsort(-self.list_scores(q_vec, texts, query=True), axis=1, kind="stable"):
             probe, cand = probe_lists(order, self.offsets, self.members, n_probe, limit)
             out.append({"codes": probe.tolist(), "candidates": cand, "fraction_kept": len(cand) / max(1, N)})
         return out
@@ -317,6 +346,7 @@ def build(args) -> Index:
     lex_spool = os.path.join(args.index, ".tmp_words.i64")  # and each passage's (word bucket, count) pairs
     space, lex_sizes, word_cache = lexical.LexicalSpace(idf_power=args.idf_power), [], {}
     ids, sources, codes, dim = [], [], [], 0
+    word_lists = old.word_lists if old is not None else None
     seen = set(old.meta.get("text_hashes", [])) if old is not None else set()
     fields = dict(id_field=args.id_field, text_field=args.text_field)
     try:
@@ -332,8 +362,8 @@ def build(args) -> Index:
                     v = encode_vectors(filt, texts, "passage", vectors)
                     dim = v.shape[1]
                     if centroids is not None:  # appended (routed as the index routes) or the model's codebook
-                        r = old.route(v, texts) if old is not None else v
-                        codes.append((r @ centroids.T).argmax(1).astype(np.int32))
+                        scores = old.list_scores(v, texts) if old is not None else v @ centroids.T
+                        codes.append(scores.argmax(1).astype(np.int32))
                     else:
                         sp.write(v.astype(np.float16).tobytes())
                         if weight:
@@ -375,6 +405,15 @@ def build(args) -> Index:
             step = 16384
             codes = [(route(np.arange(i, min(i + step, len(ids))), np.asarray(V[i:i + step], dtype=np.float32))
                       @ centroids.T).argmax(1).astype(np.int32) for i in range(0, len(ids), step)]
+            if weight and args.word_routing == "exact":  # each list's exact centroid, summed chunk by chunk
+                dense, words = None, None
+                for i, c in zip(range(0, len(ids), step), codes):
+                    rows = np.arange(i, i + len(c))
+                    bags = [(pairs[words_at[j]:words_at[j + 1], 0], pairs[words_at[j]:words_at[j + 1], 1]) for j in rows]
+                    r = routed(np.asarray(V[rows], dtype=np.float32), center, transform)
+                    part = lexical.list_sums(c, K, r, space.sparse(bags), weight)
+                    dense, words = part if dense is None else (dense + part[0], words + part[1])
+                word_lists = lexical.unit_lists(dense, words)
             del V, pairs
     finally:
         for path in (spool, lex_spool):
@@ -400,7 +439,9 @@ def build(args) -> Index:
     sources = np.asarray(sources, dtype=np.int64).reshape(-1, 2)
     if old is not None:
         codes, ids, sources = np.concatenate([old.codes, codes]), old.ids + ids, np.concatenate([old.sources, sources])
-    index = Index(meta, centroids, codes, ids, sources, center, transform, lexical_df)
+    if old is None and word_lists is not None:
+        meta["word_routing"] = "exact"
+    index = Index(meta, centroids, codes, ids, sources, center, transform, lexical_df, word_lists)
     index.save(args.index)
     return index
 
@@ -490,6 +531,11 @@ def main(argv=None):
     b.add_argument("--query_scale", type=float, default=lexical.QUERY_SCALE,
                    help=f"a query's lexical part picks lists at this x --lexical (default {lexical.QUERY_SCALE:g}; 1 = "
                         "as passages are routed; README 'Adopted: idf squared in the lexical part')")
+    b.add_argument("--word_routing", default="exact", choices=("exact", "projected"),
+                   help="with a lexical part: queries pick lists against each list's exact centroid, its words "
+                        "unprojected (exact, the default), or against the k-means centroids on the words projected to "
+                        f"{lexical.DIMS:,} dims (projected: smaller index; README \"Adopted: queries meet the lists' "
+                        "words exactly\")")
     b.add_argument("--append", action="store_true", help="add passages to an existing index (same lists)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index")
     b.add_argument("--batch_size", type=int, default=512)

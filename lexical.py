@@ -98,25 +98,38 @@ class LexicalSpace:
         """The words' weights: (log((N + 1) / (df + 1)) + 1) ** idf_power."""
         return ((np.log((self.n_docs + 1) / (self.df[ids] + 1.0)) + 1.0) ** self.idf_power).astype(np.float32)
 
-    def vectors(self, bags: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """(len(bags), dims) float32 unit vectors (zero for a text without words)."""
-        out = np.zeros((len(bags), self.dims), np.float32)
-        if not bags:
-            return out
-        lens = np.array([len(ids) for ids, _ in bags])
-        if lens.sum() == 0:
-            return out
+    def sparse(self, bags: list[tuple[np.ndarray, np.ndarray]]) -> csr_matrix:
+        """(len(bags), BUCKETS) unit rows of the exact weighted TF-IDF, before any projection (zero rows for
+        texts without words): what word lists (`word_lists`) are summed from and scored with."""
+        lens = np.array([len(ids) for ids, _ in bags], np.int64)
+        if not bags or lens.sum() == 0:
+            return csr_matrix((len(bags), BUCKETS), dtype=np.float32)
         ids = np.concatenate([i for i, _ in bags])
         tf = np.concatenate([c for _, c in bags]).astype(np.float32)
-        uniq, inv = np.unique(ids, return_inverse=True)
         w = (1.0 + np.log(tf)) * self.idf(ids)
-        x = csr_matrix((w, (np.repeat(np.arange(len(bags)), lens), inv)), shape=(len(bags), len(uniq)))
+        rows = np.repeat(np.arange(len(bags)), lens)
+        norm = np.sqrt(np.bincount(rows, w * w, minlength=len(bags))).clip(min=1e-12)
+        return csr_matrix(((w / norm[rows]).astype(np.float32), (rows, ids)), shape=(len(bags), BUCKETS))
+
+    def vectors(self, bags: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """(len(bags), dims) float32 unit vectors: `sparse` projected by the words' sign vectors (zero for a
+        text without words)."""
+        out = np.zeros((len(bags), self.dims), np.float32)
+        x = self.sparse(bags)
+        if x.nnz == 0:
+            return out
+        uniq, inv = np.unique(x.indices, return_inverse=True)
+        x = csr_matrix((x.data, inv, x.indptr), shape=(x.shape[0], len(uniq)))
         out = np.asarray(x @ sign_vectors(uniq, self.dims), dtype=np.float32)
         return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         cache: dict = {}
         return self.vectors([bag(t, cache) for t in texts])
+
+    def encode_sparse(self, texts: list[str]) -> csr_matrix:
+        cache: dict = {}
+        return self.sparse([bag(t, cache) for t in texts])
 
     @classmethod
     def fit(cls, texts: list[str], dims: int = DIMS, idf_power: float = IDF_POWER) -> "LexicalSpace":
@@ -143,3 +156,37 @@ def joined(vectors: np.ndarray, lexical: np.ndarray | None, weight: float) -> np
     if lexical is None or not weight:
         return v.astype(np.float32)
     return np.concatenate([v, weight * lexical], 1).astype(np.float32)
+
+
+def list_sums(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: float):
+    """Per list, the sum of its passages' routed vectors in the exact space [unit vector, weight x exact unit
+    TF-IDF row]: ((K, d) dense, (K, BUCKETS) csr). Sums of chunks add up; `unit_lists` makes them centroids.
+    vectors: (n, d) routed vectors (d may be 0); words: (n, BUCKETS) csr from `LexicalSpace.sparse`."""
+    n = len(codes)
+    member = csr_matrix((np.ones(n, np.float32), (codes, np.arange(n))), shape=(K, n))
+    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12) if vectors.shape[1] else vectors
+    dense = np.asarray(member @ v.astype(np.float32), dtype=np.float32).reshape(K, vectors.shape[1])
+    return dense, csr_matrix(member @ words, dtype=np.float32) * np.float32(weight)
+
+
+def unit_lists(dense: np.ndarray, sparse):
+    """`list_sums` at unit norm over both parts: each list's centroid direction."""
+    norm = np.sqrt((dense * dense).sum(1) + np.asarray(sparse.multiply(sparse).sum(1)).ravel()).clip(min=1e-12)
+    scale = (1.0 / norm).astype(np.float32)
+    return (dense * scale[:, None]).astype(np.float32), csr_matrix(sparse.multiply(scale[:, None]), dtype=np.float32)
+
+
+def word_lists(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: float):
+    """Each list's centroid in the exact space, (K, d) dense part and (K, BUCKETS) sparse word part: the mean
+    direction of its passages' [unit vector, weight x exact unit TF-IDF row]. Lists are fitted (k-means) on the
+    projected vectors; queries then pick them against these centroids, so a query's words meet the lists' words
+    without the projection's noise (README "Adopted: queries meet the lists' words exactly")."""
+    return unit_lists(*list_sums(codes, K, vectors, words, weight))
+
+
+def list_scores(vectors: np.ndarray, words, weight: float, dense: np.ndarray, sparse) -> np.ndarray:
+    """(n, K) cosines (up to each row's norm, which does not change its order) of texts routed as
+    [unit vector, weight x exact unit TF-IDF row] against `word_lists` centroids."""
+    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12) if vectors.shape[1] else vectors
+    out = v.astype(np.float32) @ dense.T
+    return (out + weight * np.asarray((words @ sparse.T).todense(), dtype=np.float32)).astype(np.float32)

@@ -27,6 +27,35 @@ def tfidf_cosines(texts):
                      for a, na in zip(vecs, norm)])
 
 
+def exact_tfidf(texts, space):
+    """Each text's unit TF-IDF as {bucket: weight}, by hand (no projection)."""
+    out = []
+    for t in texts:
+        ids, tf = lexical.bag(t)
+        v = {int(i): (1 + np.log(c)) * space.idf(np.array([i]))[0] for i, c in zip(ids, tf)}
+        n = np.sqrt(sum(x * x for x in v.values())) or 1.0
+        out.append({k: x / n for k, x in v.items()})
+    return out
+
+
+def exact_list_order(codes, K, r_docs, w_docs, r_queries, w_queries, weight, query_weight):
+    """Lists nearest-first for each query against each list's exact centroid, by hand: the mean of its
+    passages' [unit vector, weight x unit TF-IDF], scored with [unit vector, query_weight x unit TF-IDF].
+    -> (order, scores)."""
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    r_docs, r_queries = unit(r_docs), unit(r_queries)
+    dense, words = np.zeros((K, r_docs.shape[1])), [dict() for _ in range(K)]
+    for i, k in enumerate(codes):
+        dense[k] += r_docs[i]
+        for b, x in w_docs[i].items():
+            words[k][b] = words[k].get(b, 0.0) + weight * x
+    norm = np.sqrt((dense ** 2).sum(1) + np.array([sum(x * x for x in w.values()) for w in words]))
+    scores = np.array([[(r_queries[i] @ dense[k] + query_weight * sum(x * words[k].get(b, 0.0)
+                                                                      for b, x in w_queries[i].items())) / norm[k]
+                        for k in range(K)] for i in range(len(r_queries))])
+    return np.argsort(-scores, axis=1, kind="stable"), scores
+
+
 def test_words_are_normalised_and_hashed_the_same_everywhere():
     assert lexical.words("Ｃafé, CAFÉ  au-lait_2!") == ["café", "café", "au", "lait_2"]
     ids, tf = lexical.bag("the cat and the hat")
@@ -116,8 +145,22 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     assert loaded.query_scale == lexical.QUERY_SCALE == 1.5 and index.meta["lexical_query_scale"] == 1.5
     as_queries = lexical.joined(kmer_index.routed(v, loaded.center, loaded.transform), space.encode(TEXTS),
                                 lexical.DEFAULT_LEXICAL * lexical.QUERY_SCALE)
-    order = np.argsort(-(as_queries @ loaded.centroids.T), axis=1, kind="stable")
+    projected_order = np.argsort(-(as_queries @ loaded.centroids.T), axis=1, kind="stable")
+    # ... but against each list's exact centroid: the mean of its passages' joined vectors, words unprojected
+    assert index.meta["word_routing"] == "exact" and os.path.isfile(tmp_path / "i" / "list_words_vals.npy")
+    r = kmer_index.routed(v, loaded.center, loaded.transform)
+    words = exact_tfidf(TEXTS, space)
+    order, scores = exact_list_order(loaded.codes, len(loaded.centroids), r, words, r, words, lexical.DEFAULT_LEXICAL,
+                                     lexical.DEFAULT_LEXICAL * lexical.QUERY_SCALE)
+    assert np.allclose(loaded.list_scores(v, TEXTS, query=True), scores, atol=1e-4)
     assert [h["codes"] for h in loaded.search(v, n_probe=3, texts=TEXTS)] == order[:, :3].tolist()
+    # --word_routing projected: the k-means centroids on the projected words, as indexes built before
+    kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "pr"),
+                     "--num_lists", "4", "--batch_size", "7", "--word_routing", "projected"])
+    projected = kmer_index.Index.load(str(tmp_path / "pr"))
+    assert projected.word_lists is None and not os.path.isfile(tmp_path / "pr" / "list_words_vals.npy")
+    assert np.array_equal(projected.codes, loaded.codes)
+    assert [h["codes"] for h in projected.search(v, n_probe=3, texts=TEXTS)] == projected_order[:, :3].tolist()
     with pytest.raises(ValueError):
         loaded.search(v, n_probe=1)
     hits = kmer_index.main(["query", "--index", str(tmp_path / "i"), "--query", TEXTS[3], "--n_probe", "1"])
@@ -129,6 +172,16 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     assert np.array_equal(grown.lexical.df, space.df) and grown.meta["lexical_docs"] == len(TEXTS)
     assert grown.query_scale == lexical.QUERY_SCALE
     assert np.array_equal(grown.codes[:len(TEXTS)], loaded.codes)
+    # appended passages join the list whose exact centroid is nearest, as routed passages (not queries)
+    vb = kmer_index.encode_vectors(load_pretrained(str(ckpt)), [t for t in ("cheese making in the alps",
+                                                                             "volcanoes of iceland")], "passage")
+    wb = exact_tfidf(["cheese making in the alps", "volcanoes of iceland"], space)
+    nearest = exact_list_order(loaded.codes, len(loaded.centroids), r, words,
+                               kmer_index.routed(vb, loaded.center, loaded.transform), wb, lexical.DEFAULT_LEXICAL,
+                               lexical.DEFAULT_LEXICAL)[0][:, 0]
+    assert grown.codes[len(TEXTS):].tolist() == nearest.tolist()
+    assert all(np.array_equal(a.toarray() if hasattr(a, "toarray") else a, b.toarray() if hasattr(b, "toarray") else b)
+               for a, b in zip(grown.word_lists, loaded.word_lists))  # the lists stay as built
     # --lexical with the model's codebook, or below 0: one clear line
     for flags in (["--lists", "model", "--lexical", "1"], ["--lexical", "-1"]):
         capsys.readouterr()
@@ -177,3 +230,30 @@ def test_eval_lexical_rows_join_as_the_index_does():
     assert np.array_equal(scaled[0], got[0]) and not np.array_equal(scaled[1], got[1])
     plain = eval_filter.kmeans_lists(d, q, 8, 0, center=True, whiten=0.5)
     assert not np.array_equal(plain[1], got[1])  # the lexical part changes the probe order
+
+
+def test_eval_exact_word_routing_matches_the_index_by_hand():
+    """eval_filter's lexical rows with the exact words: the lists k-means fits on the projected words, then the
+    queries' order against each list's exact centroid, as `kmer_index.py build` (default) routes them."""
+    import eval_filter
+    rng = np.random.default_rng(3)
+    vocab = [f"w{i}" for i in range(400)]
+    docs = [" ".join(rng.choice(vocab, size=rng.integers(4, 30))) for _ in range(120)]
+    queries = [" ".join(rng.choice(vocab, size=rng.integers(2, 6))) for _ in range(25)]
+    d = (rng.normal(size=(120, 8)) + 1).astype(np.float32)
+    q = (rng.normal(size=(25, 8)) + 1).astype(np.float32)
+    space = lexical.LexicalSpace.fit(docs)
+    lex = (space.encode(docs), space.encode(queries), space.encode_sparse(docs), space.encode_sparse(queries))
+    projected = eval_filter.kmeans_lists(d, q, 8, 0, center=True, whiten=0.5, lex=lex[:2], weight=1.5,
+                                         query_weight=2.25)
+    exact = eval_filter.kmeans_lists(d, q, 8, 0, center=True, whiten=0.5, lex=lex, weight=1.5, query_weight=2.25)
+    assert np.array_equal(exact[0], projected[0])  # the same lists ...
+    mean, w = kmer_index.routing_transform(d, whiten=0.5)
+    want = exact_list_order(exact[0], 8, (d - mean) @ w, exact_tfidf(docs, space), (q - mean) @ w,
+                            exact_tfidf(queries, space), 1.5, 2.25)[0]
+    assert np.array_equal(exact[1], want)  # ... picked against their exact centroids
+    assert not np.array_equal(exact[1], projected[1])
+    # the exact rows are unit TF-IDF and project to what `vectors` gives
+    x = lex[2]
+    assert np.allclose(np.sqrt(np.asarray(x.multiply(x).sum(1)).ravel()), 1, atol=1e-5)
+    assert np.abs(x @ x.T - tfidf_cosines(docs)).max() < 1e-5
