@@ -10,8 +10,9 @@ roughly. This module adds that signal as a dense vector an IVF can fit lists to:
 
 An index routes on [unit model vector, weight * unit lexical vector] (`kmer_index.py build --lexical`,
 README "Adopted: a lexical part in the lists"); queries pick their lists with the lexical part at
-QUERY_SCALE x the weight. The document frequencies are fitted to the corpus an index
-holds, as its centre and lists are; queries use the corpus's. Deterministic: the same words give the same
+QUERY_SCALE x the weight, against each list's exact centroid (`word_lists`, `list_scores`: the words
+unprojected; README "Adopted: queries meet the lists' words exactly"). The document frequencies are fitted to
+the corpus an index holds, as its centre and lists are; queries use the corpus's. Deterministic: the same words give the same
 vector in every process (blake2b, not Python's salted hash).
 """
 from __future__ import annotations
