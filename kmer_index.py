@@ -229,10 +229,14 @@ class Index:
         v = routed(vectors, self.center, self.transform)
         if self.lexical is None:
             return v
-        if texts is None or len(texts) != len(v):
+        return lexical.joined(v, self.lexical.encode(texts), self._text_weight(texts, len(v), query))
+
+    def _text_weight(self, texts: list[str] | None, n: int, query: bool) -> float:
+        """The lexical part's weight for these texts (queries: x `lexical_query_scale`); one clear error when an
+        index with a lexical part is not given the texts."""
+        if texts is None or len(texts) != n:
             raise ValueError("this index routes on text too (a lexical part): pass the texts beside the vectors")
-        weight = self.lexical_weight * (self.query_scale if query else 1.0)
-        return lexical.joined(v, self.lexical.encode(texts), weight)
+        return self.lexical_weight * (self.query_scale if query else 1.0)
 
     def list_scores(self, vectors: np.ndarray, texts: list[str] | None = None, query: bool = False) -> np.ndarray:
         """(n, K): how near each text is to each list (higher = nearer). With exact word lists: the routed vector
@@ -240,9 +244,7 @@ class Index:
         the k-means centroids."""
         if self.word_lists is None:
             return self.route(vectors, texts, query) @ self.centroids.T
-        if texts is None or len(texts) != len(vectors):
-            raise ValueError("this index routes on text too (a lexical part): pass the texts beside the vectors")
-        weight = self.lexical_weight * (self.query_scale if query else 1.0)
+        weight = self._text_weight(texts, len(vectors), query)
         return lexical.list_scores(routed(vectors, self.center, self.transform), self.lexical.encode_sparse(texts),
                                    weight, *self.word_lists)
 
@@ -394,26 +396,25 @@ def build(args) -> Index:
             pairs = (np.memmap(lex_spool, dtype=np.int64, mode="r", shape=(n_pairs, 2)) if n_pairs
                      else np.zeros((0, 2), np.int64))
 
-            def route(rows: np.ndarray, v: np.ndarray) -> np.ndarray:  # passages `rows`, their vectors v
+            def route(rows: np.ndarray, v: np.ndarray):  # passages `rows`, their vectors v
+                """-> (the vectors k-means sees, the routed vectors, the exact words or None)"""
                 r = routed(v, center, transform)
                 if not weight:
-                    return r
-                bags = [(pairs[words_at[i]:words_at[i + 1], 0], pairs[words_at[i]:words_at[i + 1], 1]) for i in rows]
-                return lexical.joined(r, space.vectors(bags), weight)
+                    return r, r, None
+                x = space.sparse([(pairs[words_at[i]:words_at[i + 1], 0], pairs[words_at[i]:words_at[i + 1], 1])
+                                  for i in rows])
+                return lexical.joined(r, space.project(x), weight), r, x
 
-            centroids = spherical_kmeans(torch.from_numpy(route(fit, sample)), K, seed=args.seed)[0].numpy()
-            step = 16384
-            codes = [(route(np.arange(i, min(i + step, len(ids))), np.asarray(V[i:i + step], dtype=np.float32))
-                      @ centroids.T).argmax(1).astype(np.int32) for i in range(0, len(ids), step)]
-            if weight and args.word_routing == "exact":  # each list's exact centroid, summed chunk by chunk
-                dense, words = None, None
-                for i, c in zip(range(0, len(ids), step), codes):
-                    rows = np.arange(i, i + len(c))
-                    bags = [(pairs[words_at[j]:words_at[j + 1], 0], pairs[words_at[j]:words_at[j + 1], 1]) for j in rows]
-                    r = routed(np.asarray(V[rows], dtype=np.float32), center, transform)
-                    part = lexical.list_sums(c, K, r, space.sparse(bags), weight)
-                    dense, words = part if dense is None else (dense + part[0], words + part[1])
-                word_lists = lexical.unit_lists(dense, words)
+            centroids = spherical_kmeans(torch.from_numpy(route(fit, sample)[0]), K, seed=args.seed)[0].numpy()
+            step, sums = 16384, None
+            for i in range(0, len(ids), step):  # assign, and with exact word routing sum each list's centroid
+                joint, r, x = route(np.arange(i, min(i + step, len(ids))), np.asarray(V[i:i + step], dtype=np.float32))
+                codes.append((joint @ centroids.T).argmax(1).astype(np.int32))
+                if x is not None and args.word_routing == "exact":
+                    part = lexical.list_sums(codes[-1], K, r, x, weight)
+                    sums = part if sums is None else (sums[0] + part[0], sums[1] + part[1])
+            if sums is not None:
+                word_lists = lexical.unit_lists(*sums)
             del V, pairs
     finally:
         for path in (spool, lex_spool):
@@ -439,7 +440,7 @@ def build(args) -> Index:
     sources = np.asarray(sources, dtype=np.int64).reshape(-1, 2)
     if old is not None:
         codes, ids, sources = np.concatenate([old.codes, codes]), old.ids + ids, np.concatenate([old.sources, sources])
-    if old is None and word_lists is not None:
+    if word_lists is not None:  # an appended corpus keeps the index's word lists, and says so
         meta["word_routing"] = "exact"
     index = Index(meta, centroids, codes, ids, sources, center, transform, lexical_df, word_lists)
     index.save(args.index)

@@ -113,17 +113,18 @@ class LexicalSpace:
         norm = np.sqrt(np.bincount(rows, w * w, minlength=len(bags))).clip(min=1e-12)
         return csr_matrix(((w / norm[rows]).astype(np.float32), (rows, ids)), shape=(len(bags), BUCKETS))
 
-    def vectors(self, bags: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """(len(bags), dims) float32 unit vectors: `sparse` projected by the words' sign vectors (zero for a
+    def project(self, x: csr_matrix) -> np.ndarray:
+        """(rows, dims) float32 unit vectors: `sparse` rows projected by their words' sign vectors (zero for a
         text without words)."""
-        out = np.zeros((len(bags), self.dims), np.float32)
-        x = self.sparse(bags)
         if x.nnz == 0:
-            return out
+            return np.zeros((x.shape[0], self.dims), np.float32)
         uniq, inv = np.unique(x.indices, return_inverse=True)
         x = csr_matrix((x.data, inv, x.indptr), shape=(x.shape[0], len(uniq)))
-        out = np.asarray(x @ sign_vectors(uniq, self.dims), dtype=np.float32)
-        return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
+        return unit_rows(np.asarray(x @ sign_vectors(uniq, self.dims), dtype=np.float32))
+
+    def vectors(self, bags: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """(len(bags), dims) float32 unit vectors (zero for a text without words)."""
+        return self.project(self.sparse(bags))
 
     def encode(self, texts: list[str]) -> np.ndarray:
         cache: dict = {}
@@ -151,10 +152,15 @@ def check_settings(idf_power: float, query_scale: float):
                          f"do, {QUERY_SCALE:g} = the default)")
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row at unit norm (zero rows, and rows of no columns, stay as they are)."""
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+
+
 def joined(vectors: np.ndarray, lexical: np.ndarray | None, weight: float) -> np.ndarray:
     """The routed vector: the model's (or any encoder's) vector at unit norm, beside `weight` x the unit
     lexical vector. weight 0 or no lexical part: the unit vector alone."""
-    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+    v = unit_rows(vectors)
     if lexical is None or not weight:
         return v.astype(np.float32)
     return np.concatenate([v, weight * lexical], 1).astype(np.float32)
@@ -166,8 +172,7 @@ def list_sums(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: flo
     vectors: (n, d) routed vectors (d may be 0); words: (n, BUCKETS) csr from `LexicalSpace.sparse`."""
     n = len(codes)
     member = csr_matrix((np.ones(n, np.float32), (codes, np.arange(n))), shape=(K, n))
-    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12) if vectors.shape[1] else vectors
-    dense = np.asarray(member @ v.astype(np.float32), dtype=np.float32).reshape(K, vectors.shape[1])
+    dense = np.asarray(member @ unit_rows(vectors).astype(np.float32), dtype=np.float32).reshape(K, vectors.shape[1])
     return dense, csr_matrix(member @ words, dtype=np.float32) * np.float32(weight)
 
 
@@ -189,6 +194,5 @@ def word_lists(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: fl
 def list_scores(vectors: np.ndarray, words, weight: float, dense: np.ndarray, sparse) -> np.ndarray:
     """(n, K) cosines (up to each row's norm, which does not change its order) of texts routed as
     [unit vector, weight x exact unit TF-IDF row] against `word_lists` centroids."""
-    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12) if vectors.shape[1] else vectors
-    out = v.astype(np.float32) @ dense.T
+    out = unit_rows(vectors).astype(np.float32) @ dense.T
     return (out + weight * np.asarray((words @ sparse.T).todense(), dtype=np.float32)).astype(np.float32)
