@@ -546,7 +546,8 @@ class VectorQuantizer(nn.Module):
     dead-code restart. All state in the state_dict; maths in fp32 even under autocast.
 
     EMA update as in van den Oord et al. 2017, appendix A.1 (https://arxiv.org/abs/1711.00937),
-    with Laplace smoothing of the counts as in vector-quantize-pytorch.
+    with Laplace smoothing of the counts as in vector-quantize-pytorch 1.14..1.32 (1.34 smooths
+    differently: (sum + eps * code) / (count + eps)).
     """
 
     def __init__(self, cfg: KmerVQVAEConfig):

@@ -86,6 +86,33 @@ def test_ema_step_matches_vector_quantize_pytorch(cosine):
     assert torch.allclose(ours.codebook, ref._codebook.embed[0], atol=1e-5)
 
 
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_ema_step_by_hand(cosine):
+    """One EMA step written out (van den Oord et al. 2017, A.1, Laplace-smoothed counts), no library."""
+    torch.manual_seed(1)
+    d, K, decay, eps = 4, 5, 0.9, 0.3  # an eps large enough that the smoothing shows
+    cfg = KmerVQVAEConfig(d_model=d, num_codes=K, distance="cosine" if cosine else "euclidean", ema_decay=decay,
+                          center_codes=False)
+    q = VectorQuantizer(cfg).train()
+    q.eps = eps
+    count0, sum0 = torch.rand(K) + 0.5, torch.randn(K, d)
+    with torch.no_grad():
+        q.ema_count.copy_(count0)
+        q.ema_sum.copy_(sum0)
+    z = torch.randn(7, d)
+    idx = torch.tensor([0, 0, 2, 3, 3, 3, 1])
+    q.ema_update(z, idx)
+    count = [decay * float(count0[k]) + (1 - decay) * int((idx == k).sum()) for k in range(K)]
+    total = sum(count)
+    for k in range(K):
+        s = decay * sum0[k] + (1 - decay) * z[idx == k].sum(0)
+        code = s / ((count[k] + eps) / (total + K * eps) * total)
+        if cosine:
+            code = code / code.norm()
+        assert float(q.ema_count[k]) == pytest.approx(count[k], rel=1e-6)
+        assert torch.allclose(q.codebook[k], code, atol=1e-6)
+
 def test_frozen_and_grad_modes(tiny_model):
     q = tiny_model.quantizer.train()
     q.initialized.fill_(True)
