@@ -19,10 +19,10 @@ does, after subtracting the corpus's mean vector (`center.npy`, subtracted from 
 skips it), then half-whitening it (`transform.npy`: each principal axis of the centred corpus scaled by
 variance^(-P/2), P = `--whiten`, 0.5 by default, 0 = off); `--lists model` uses the model's own codebook
 (no fitting pass, no transform; README "Filter quality").
-`--lexical W` (corpus lists; default 2, 0 = off): the routed vector is the model's (centred, half-whitened,
+`--lexical W` (corpus lists; default 1.5, 0 = off): the routed vector is the model's (centred, half-whitened,
 unit) beside W x a unit hashed-word TF-IDF vector (`lexical.py`; words weighted by idf ** `--idf_power`, 2 by
 default), with document frequencies counted on the corpus (`lexical_df.npy`); queries route the same way from
-their text, their lexical part at `--query_scale` (2.5) x W (README "Adopted: a lexical part in the lists",
+their text, their lexical part at `--query_scale` (4) x W (README "Adopted: a lexical part in the lists",
 "Adopted: idf squared in the lexical part"). k-means fits the lists on the words projected to 2,048 dims; queries
 then pick lists against each list's exact centroid (`list_vectors.npy` (K, d) and `list_words_{indptr,cols,vals}.npy`,
 the list's words unprojected; `--word_routing projected` skips them: README "Adopted: queries meet the lists'

@@ -27,11 +27,11 @@ from scipy.sparse import csr_matrix
 BUCKETS = 1 << 20  # hashed word rows (document frequencies: 4 MB of int32)
 DIMS = 2048  # width of the projected vector (README: 512 and 1,024 measured lower)
 NONZERO = 8  # coordinates each bucket's sign vector touches
-DEFAULT_LEXICAL = 2.0  # weight of the lexical part in an index's routed vectors (README "Adopted: queries meet the
-# lists' words exactly": 1.5 before it, chosen on four sets with projected words)
+DEFAULT_LEXICAL = 1.5  # weight of the lexical part in an index's routed vectors (README "Adopted: lists at 1.5, a
+# query's words at 4x": 2 for a day, with queries at 1.5x and 2.5x)
 IDF_POWER = 2.0  # idf ** IDF_POWER: the rarest words carry the vector (README "Adopted: idf squared"; 1 = plain idf)
-QUERY_SCALE = 2.5  # a query's lexical part weighs this x a passage's when it picks lists (README "Adopted: a query's
-# words at 2.5x"; 1.5 before it, chosen with projected words in "Adopted: idf squared")
+QUERY_SCALE = 4.0  # a query's lexical part weighs this x a passage's when it picks lists (README "Adopted: lists at
+# 1.5, a query's words at 4x"; 1.5 before exact word routing, chosen with projected words in "Adopted: idf squared")
 _WORD = re.compile(r"\w+")
 
 

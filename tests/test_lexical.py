@@ -142,7 +142,7 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     assert np.array_equal(loaded.codes, (want @ loaded.centroids.T).argmax(1))
     assert np.linalg.norm(loaded.centroids[:, v.shape[1]:], axis=1).min() > 0.1  # the lists hold the words too
     # queries route the same way, from their text, their lexical part at the query scale
-    assert loaded.query_scale == lexical.QUERY_SCALE == 2.5 and index.meta["lexical_query_scale"] == 2.5
+    assert loaded.query_scale == lexical.QUERY_SCALE == 4.0 and index.meta["lexical_query_scale"] == 4.0
     as_queries = lexical.joined(kmer_index.routed(v, loaded.center, loaded.transform), space.encode(TEXTS),
                                 lexical.DEFAULT_LEXICAL * lexical.QUERY_SCALE)
     projected_order = np.argsort(-(as_queries @ loaded.centroids.T), axis=1, kind="stable")
