@@ -221,9 +221,7 @@ def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int, center
     q_weight = weight if query_weight is None else query_weight
     if lex is not None:
         d_emb, q_emb = lexical.joined(d_emb, lex[0], weight), lexical.joined(q_emb, lex[1], q_weight)
-    d = d_emb / np.linalg.norm(d_emb, axis=1, keepdims=True).clip(min=1e-12)
-    q = q_emb / np.linalg.norm(q_emb, axis=1, keepdims=True).clip(min=1e-12)
-    code, order, k = ivf_on_teacher(d, q, K, seed)
+    code, order, k = ivf_on_teacher(lexical.unit_rows(d_emb), lexical.unit_rows(q_emb), K, seed)
     if lex is not None and len(lex) == 4:
         lists = lexical.word_lists(code, k, r_docs, lex[2], weight)
         order = np.argsort(-lexical.list_scores(r_queries, lex[3], q_weight, *lists), axis=1, kind="stable")

@@ -401,8 +401,7 @@ def build(args) -> Index:
                 r = routed(v, center, transform)
                 if not weight:
                     return r, r, None
-                x = space.sparse([(pairs[words_at[i]:words_at[i + 1], 0], pairs[words_at[i]:words_at[i + 1], 1])
-                                  for i in rows])
+                x = space.sparse([(p[:, 0], p[:, 1]) for p in (pairs[words_at[i]:words_at[i + 1]] for i in rows)])
                 return lexical.joined(r, space.project(x), weight), r, x
 
             centroids = spherical_kmeans(torch.from_numpy(route(fit, sample)[0]), K, seed=args.seed)[0].numpy()

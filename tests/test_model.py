@@ -86,7 +86,6 @@ def test_ema_step_matches_vector_quantize_pytorch(cosine):
     assert torch.allclose(ours.codebook, ref._codebook.embed[0], atol=1e-5)
 
 
-
 @pytest.mark.parametrize("cosine", [False, True])
 def test_ema_step_by_hand(cosine):
     """One EMA step written out (van den Oord et al. 2017, A.1, Laplace-smoothed counts), no library."""
@@ -112,6 +111,7 @@ def test_ema_step_by_hand(cosine):
             code = code / code.norm()
         assert float(q.ema_count[k]) == pytest.approx(count[k], rel=1e-6)
         assert torch.allclose(q.codebook[k], code, atol=1e-6)
+
 
 def test_frozen_and_grad_modes(tiny_model):
     q = tiny_model.quantizer.train()
