@@ -331,6 +331,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--idf_power", type=float, default=lexical.IDF_POWER,
                     help=f"the lexical part's word weights: idf ** this, as kmer_index.py build (default "
                          f"{lexical.IDF_POWER:g}; 1 = plain idf)")
+    ap.add_argument("--word_pairs", type=float, default=lexical.PAIR_WEIGHT,
+                    help=f"the lexical part's pairs of adjacent words at this x their idf ** --idf_power, as "
+                         f"kmer_index.py build (default {lexical.PAIR_WEIGHT:g}; 0 = words alone)")
     ap.add_argument("--word_routing", default="exact", choices=("exact", "projected"),
                     help="the lexical rows: queries pick lists against each list's exact centroid (exact, as "
                          "kmer_index.py build does by default) or against the k-means centroids on the projected words")
@@ -384,7 +387,7 @@ def run(args) -> dict:
     if args.lexical < 0:
         raise UserError(f"--lexical {args.lexical:g}: give a weight >= 0 (0 = no lexical rows)")
     try:
-        lexical.check_settings(args.idf_power, args.query_scale)
+        lexical.check_settings(args.idf_power, args.query_scale, args.word_pairs)
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.list_seeds < 1:
@@ -415,7 +418,7 @@ def run(args) -> dict:
     q_weight = args.lexical * args.query_scale  # a query's lexical part picks lists at this, as in kmer_index.py
     lex = None
     if args.lexical:
-        words = lexical.LexicalSpace.fit(docs, idf_power=args.idf_power)
+        words = lexical.LexicalSpace.fit(docs, idf_power=args.idf_power, pair_weight=args.word_pairs)
         lex = (words.encode(docs), words.encode(queries))
         if args.word_routing == "exact":  # queries meet the lists' words unprojected, as a build does
             lex += (words.encode_sparse(docs), words.encode_sparse(queries))
@@ -473,6 +476,7 @@ def run(args) -> dict:
     report = {"dataset": args.dataset, "checkpoint": os.path.abspath(args.checkpoint), "int8": args.int8,
               "bag_only": args.bag_only, "bf16": args.bf16, "lists": L, "list_seeds": args.list_seeds,
               "lexical": args.lexical, "lexical_dims": lexical.DIMS, "lexical_idf_power": args.idf_power,
+              "lexical_pair_weight": args.word_pairs,
               "lexical_query_scale": args.query_scale, "word_routing": args.word_routing,
               "passages": len(docs),
               "query_set": hashlib.sha1("\n".join(map(str, qids)).encode()).hexdigest(),

@@ -19,11 +19,11 @@ does, after subtracting the corpus's mean vector (`center.npy`, subtracted from 
 skips it), then half-whitening it (`transform.npy`: each principal axis of the centred corpus scaled by
 variance^(-P/2), P = `--whiten`, 0.5 by default, 0 = off); `--lists model` uses the model's own codebook
 (no fitting pass, no transform; README "Filter quality").
-`--lexical W` (corpus lists; default 1.5, 0 = off): the routed vector is the model's (centred, half-whitened,
+`--lexical W` (corpus lists; default 1.25, 0 = off): the routed vector is the model's (centred, half-whitened,
 unit) beside W x a unit hashed-word TF-IDF vector (`lexical.py`; words weighted by idf ** `--idf_power`, 2 by
-default), with document frequencies counted on the corpus (`lexical_df.npy`); queries route the same way from
-their text, their lexical part at `--query_scale` (4) x W (README "Adopted: a lexical part in the lists",
-"Adopted: idf squared in the lexical part"). k-means fits the lists on the words projected to 2,048 dims; queries
+default, and each pair of adjacent words beside them at `--word_pairs` (0.7) x its idf ** power), with document frequencies counted on the corpus (`lexical_df.npy`); queries route the same way from
+their text, their lexical part at `--query_scale` (16) x W (README "Adopted: a lexical part in the lists",
+"Adopted: idf squared in the lexical part", "Adopted: word pairs in the lexical part"). k-means fits the lists on the words projected to 2,048 dims; queries
 then pick lists against each list's exact centroid (`list_vectors.npy` (K, d) and `list_words_{indptr,cols,vals}.npy`,
 the list's words unprojected; `--word_routing projected` skips them: README "Adopted: queries meet the lists'
 words exactly").
@@ -165,13 +165,14 @@ class Index:
     def __init__(self, meta: dict, centroids, codes, ids, sources, center=None, transform=None, lexical_df=None,
                  word_lists=None):
         self.meta, self.centroids, self.codes, self.ids, self.sources = meta, centroids, codes, ids, sources
-        self.word_lists = word_lists  # (dense (K, d), csr (K, BUCKETS)): exact list centroids; None = projected
+        self.word_lists = word_lists  # (dense (K, d), csr (K, WIDTH)): exact list centroids; None = projected
         self.center = center  # (d,) subtracted from every vector before routing; None = no centring
         self.transform = transform  # (d, d) applied after centring (--whiten); None = none
         self.lexical_weight = float(meta.get("lexical", 0.0))  # 0: the model's vectors alone
         self.query_scale = float(meta.get("lexical_query_scale", 1.0))  # built before the scale: queries as passages
-        self.lexical = None if lexical_df is None else lexical.LexicalSpace(  # built before idf powers: plain idf
-            lexical_df, meta["lexical_docs"], meta["lexical_dims"], meta.get("lexical_idf_power", 1.0))
+        self.lexical = None if lexical_df is None else lexical.LexicalSpace(  # built before idf powers: plain idf;
+            lexical_df, meta["lexical_docs"], meta["lexical_dims"], meta.get("lexical_idf_power", 1.0),  # before
+            meta.get("lexical_pair_weight", 0.0))  # word pairs: words alone
         self.offsets, self.members = inverted_lists(codes, len(centroids))
 
     @classmethod
@@ -189,7 +190,7 @@ class Index:
             from scipy.sparse import csr_matrix
             dense = ld("list_vectors.npy")
             words = (dense, csr_matrix((ld("list_words_vals.npy"), ld("list_words_cols.npy"),
-                                        ld("list_words_indptr.npy")), shape=(len(dense), lexical.BUCKETS)))
+                                        ld("list_words_indptr.npy")), shape=(len(dense), lexical.WIDTH)))
         index = cls(meta, ld("centroids.npy"), ld("codes.npy"), json.load(open(os.path.join(folder, "ids.json"))),
                     ld("sources.npy"), opt("center.npy"), opt("transform.npy"), opt("lexical_df.npy"), words)
         if checkpoint_sha:
@@ -212,7 +213,8 @@ class Index:
             if arr is not None:
                 _save_npy(folder, name, arr.astype(np.float32))
         if self.lexical is not None:
-            _save_npy(folder, "lexical_df.npy", self.lexical.df)
+            df = self.lexical.df if self.lexical.pair_weight else self.lexical.df[:lexical.BUCKETS]  # words alone:
+            _save_npy(folder, "lexical_df.npy", df)  # the words' counts, as indexes built before word pairs
         if self.word_lists is not None:
             dense, words = self.word_lists
             for name, arr in (("list_vectors.npy", dense.astype(np.float32)), ("list_words_vals.npy", words.data),
@@ -326,7 +328,7 @@ def build(args) -> Index:
                         f"(it is fitted to the corpus)")
     weight = lexical_weight(getattr(args, "lexical", None), args.lists)
     try:
-        lexical.check_settings(args.idf_power, args.query_scale)
+        lexical.check_settings(args.idf_power, args.query_scale, args.word_pairs)
     except ValueError as e:
         raise UserError(str(e)) from None
     sha = _sha(args.checkpoint)
@@ -346,7 +348,7 @@ def build(args) -> Index:
     os.makedirs(args.index, exist_ok=True)
     spool = os.path.join(args.index, ".tmp_vectors.f16")  # corpus lists: vectors wait here, not in memory
     lex_spool = os.path.join(args.index, ".tmp_words.i64")  # and each passage's (word bucket, count) pairs
-    space, lex_sizes, word_cache = lexical.LexicalSpace(idf_power=args.idf_power), [], {}
+    space, lex_sizes, word_cache = lexical.LexicalSpace(idf_power=args.idf_power, pair_weight=args.word_pairs), [], {}
     ids, sources, codes, dim = [], [], [], 0
     word_lists = old.word_lists if old is not None else None
     seen = set(old.meta.get("text_hashes", [])) if old is not None else set()
@@ -369,9 +371,9 @@ def build(args) -> Index:
                     else:
                         sp.write(v.astype(np.float16).tobytes())
                         if weight:
-                            if len(word_cache) > 1_000_000:  # word -> bucket memo; bounded on huge corpora
+                            if len(word_cache) > 1_000_000:  # term -> id memo; bounded on huge corpora
                                 word_cache.clear()
-                            bags = [lexical.bag(t, word_cache) for t in texts]
+                            bags = [space.bag(t, word_cache) for t in texts]
                             space.count(bags)
                             for buckets, counts in bags:
                                 lsp.write(np.stack([buckets, counts], 1).astype(np.int64).tobytes())
@@ -429,11 +431,12 @@ def build(args) -> Index:
     if old is not None and old.lexical is not None:  # an appended corpus keeps the index's word statistics
         lexical_df = old.lexical.df
         meta.update({k: old.meta[k] for k in ("lexical", "lexical_dims", "lexical_docs", "lexical_idf_power",
-                                              "lexical_query_scale") if k in old.meta})
+                                              "lexical_pair_weight", "lexical_query_scale") if k in old.meta})
     elif old is None and weight:
         lexical_df = space.df
         meta.update(lexical=weight, lexical_dims=space.dims, lexical_docs=space.n_docs,
-                    lexical_idf_power=space.idf_power, lexical_query_scale=args.query_scale)
+                    lexical_idf_power=space.idf_power, lexical_pair_weight=space.pair_weight,
+                    lexical_query_scale=args.query_scale)
     if args.unique_text:
         meta["text_hashes"] = sorted(seen)
     sources = np.asarray(sources, dtype=np.int64).reshape(-1, 2)
@@ -528,6 +531,9 @@ def main(argv=None):
     b.add_argument("--idf_power", type=float, default=lexical.IDF_POWER,
                    help=f"the lexical part's word weights: idf ** this (default {lexical.IDF_POWER:g}; 1 = plain idf; "
                         "README 'Adopted: idf squared in the lexical part')")
+    b.add_argument("--word_pairs", type=float, default=lexical.PAIR_WEIGHT,
+                   help=f"the lexical part's pairs of adjacent words, each at this x its idf ** --idf_power (default "
+                        f"{lexical.PAIR_WEIGHT:g}; 0 = words alone; README 'Adopted: word pairs in the lexical part')")
     b.add_argument("--query_scale", type=float, default=lexical.QUERY_SCALE,
                    help=f"a query's lexical part picks lists at this x --lexical (default {lexical.QUERY_SCALE:g}; 1 = "
                         "as passages are routed; README 'Adopted: idf squared in the lexical part')")

@@ -4,8 +4,10 @@ A coarse filter routes a query to the lists whose passages it resembles. The mod
 text is about; whether a passage shares the query's rare words (a name, a drug, a method) they say only
 roughly. This module adds that signal as a dense vector an IVF can fit lists to:
 
-    words (NFKC, lowercase, \\w+ runs) -> hashed into BUCKETS rows (no vocabulary is stored)
-    weight = (1 + log tf) * idf ** IDF_POWER, idf = log((N + 1) / (df + 1)) + 1 with df counted on the corpus
+    words (NFKC, lowercase, \\w+ runs) -> hashed into BUCKETS rows (no vocabulary is stored); each pair of
+    adjacent words ("new york") -> hashed into BUCKETS rows after those (terms: WIDTH = 2 x BUCKETS rows)
+    weight = (1 + log tf) * idf ** IDF_POWER (x PAIR_WEIGHT for a word pair),
+    idf = log((N + 1) / (df + 1)) + 1 with df counted on the corpus
     vector = sum of weight * the bucket's fixed sparse random sign vector (8 of DIMS coordinates), unit norm
 
 An index routes on [unit model vector, weight * unit lexical vector] (`kmer_index.py build --lexical`,
@@ -24,14 +26,17 @@ import unicodedata
 import numpy as np
 from scipy.sparse import csr_matrix
 
-BUCKETS = 1 << 20  # hashed word rows (document frequencies: 4 MB of int32)
+BUCKETS = 1 << 20  # hashed word rows; as many again for word pairs (document frequencies: 8 MB of int32)
+WIDTH = 2 * BUCKETS  # term ids: words in [0, BUCKETS), pairs of adjacent words in [BUCKETS, WIDTH)
 DIMS = 2048  # width of the projected vector (README: 512 and 1,024 measured lower)
 NONZERO = 8  # coordinates each bucket's sign vector touches
-DEFAULT_LEXICAL = 1.5  # weight of the lexical part in an index's routed vectors (README "Adopted: lists at 1.5, a
-# query's words at 4x": 2 for a day, with queries at 1.5x and 2.5x)
+DEFAULT_LEXICAL = 1.25  # weight of the lexical part in an index's routed vectors (README "Adopted: word pairs in
+# the lexical part"; 1.5 with words alone, 2 before that, with queries at 1.5x and 2.5x)
 IDF_POWER = 2.0  # idf ** IDF_POWER: the rarest words carry the vector (README "Adopted: idf squared"; 1 = plain idf)
-QUERY_SCALE = 4.0  # a query's lexical part weighs this x a passage's when it picks lists (README "Adopted: lists at
-# 1.5, a query's words at 4x"; 1.5 before exact word routing, chosen with projected words in "Adopted: idf squared")
+QUERY_SCALE = 16.0  # a query's lexical part weighs this x a passage's when it picks lists (README "Adopted: word
+# pairs in the lexical part"; 4 with words alone, 1.5 before exact word routing)
+PAIR_WEIGHT = 0.7  # a word pair's weight, x its idf ** IDF_POWER (README "Adopted: word pairs in the lexical
+# part"; 0 = words alone, as every index built before them)
 _WORD = re.compile(r"\w+")
 
 
@@ -44,14 +49,20 @@ def _bucket(word: str) -> int:
     return int.from_bytes(hashlib.blake2b(word.encode("utf-8", "replace"), digest_size=8).digest(), "little") % BUCKETS
 
 
-def bag(text: str, cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct buckets of the text's words, sorted; how often each occurs)."""
+def bag(text: str, cache: dict | None = None, pairs: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct term ids of the text, sorted; how often each occurs): its words' buckets, and with `pairs`
+    each pair of adjacent words' bucket + BUCKETS. cache: a memo of term -> id, shared between calls."""
     cache = {} if cache is None else cache
-    ids = []
-    for w in words(text):
+    ids, ws = [], words(text)
+    for w in ws:
         b = cache.get(w)
         if b is None:
             b = cache[w] = _bucket(w)
+        ids.append(b)
+    for pair in (f"{a} {b}" for a, b in zip(ws, ws[1:])) if pairs else ():  # a space: never inside a word
+        b = cache.get(pair)
+        if b is None:
+            b = cache[pair] = BUCKETS + _bucket(pair)
         ids.append(b)
     if not ids:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -82,14 +93,22 @@ def sign_vectors(buckets: np.ndarray, dims: int = DIMS, nonzero: int = NONZERO) 
 
 
 class LexicalSpace:
-    """Document frequencies of a corpus over hashed words, and the projected TF-IDF vectors they give."""
+    """Document frequencies of a corpus over hashed words (and word pairs), and the projected TF-IDF vectors
+    they give."""
 
     def __init__(self, df: np.ndarray | None = None, n_docs: int = 0, dims: int = DIMS,
-                 idf_power: float = IDF_POWER):
-        self.df = np.zeros(BUCKETS, np.int32) if df is None else df.astype(np.int32)
-        if self.df.shape != (BUCKETS,):
-            raise ValueError(f"document frequencies have shape {self.df.shape}, not ({BUCKETS},)")
+                 idf_power: float = IDF_POWER, pair_weight: float = PAIR_WEIGHT):
+        self.df = np.zeros(WIDTH, np.int32) if df is None else df.astype(np.int32)
+        if self.df.shape == (BUCKETS,):  # counted before word pairs: words alone
+            self.df, pair_weight = np.concatenate([self.df, np.zeros(BUCKETS, np.int32)]), 0.0
+        if self.df.shape != (WIDTH,):
+            raise ValueError(f"document frequencies have shape {self.df.shape}, not ({WIDTH},)")
         self.n_docs, self.dims, self.idf_power = int(n_docs), int(dims), float(idf_power)
+        self.pair_weight = float(pair_weight)
+
+    def bag(self, text: str, cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`bag` with the word pairs this space counts (none at pair weight 0)."""
+        return bag(text, cache, pairs=self.pair_weight > 0)
 
     def count(self, bags: list[tuple[np.ndarray, np.ndarray]]):
         """Add passages to the document frequencies (each distinct word once per passage)."""
@@ -98,21 +117,22 @@ class LexicalSpace:
         self.n_docs += len(bags)
 
     def idf(self, ids: np.ndarray) -> np.ndarray:
-        """The words' weights: (log((N + 1) / (df + 1)) + 1) ** idf_power."""
-        return ((np.log((self.n_docs + 1) / (self.df[ids] + 1.0)) + 1.0) ** self.idf_power).astype(np.float32)
+        """The terms' weights: (log((N + 1) / (df + 1)) + 1) ** idf_power, x pair_weight for word pairs."""
+        w = (np.log((self.n_docs + 1) / (self.df[ids] + 1.0)) + 1.0) ** self.idf_power
+        return np.where(ids >= BUCKETS, self.pair_weight * w, w).astype(np.float32)
 
     def sparse(self, bags: list[tuple[np.ndarray, np.ndarray]]) -> csr_matrix:
-        """(len(bags), BUCKETS) unit rows of the exact weighted TF-IDF, before any projection (zero rows for
+        """(len(bags), WIDTH) unit rows of the exact weighted TF-IDF, before any projection (zero rows for
         texts without words): what word lists (`word_lists`) are summed from and scored with."""
         lens = np.array([len(ids) for ids, _ in bags], np.int64)
         if not bags or lens.sum() == 0:
-            return csr_matrix((len(bags), BUCKETS), dtype=np.float32)
+            return csr_matrix((len(bags), WIDTH), dtype=np.float32)
         ids = np.concatenate([i for i, _ in bags])
         tf = np.concatenate([c for _, c in bags]).astype(np.float32)
         w = (1.0 + np.log(tf)) * self.idf(ids)
         rows = np.repeat(np.arange(len(bags)), lens)
         norm = np.sqrt(np.bincount(rows, w * w, minlength=len(bags))).clip(min=1e-12)
-        return csr_matrix(((w / norm[rows]).astype(np.float32), (rows, ids)), shape=(len(bags), BUCKETS))
+        return csr_matrix(((w / norm[rows]).astype(np.float32), (rows, ids)), shape=(len(bags), WIDTH))
 
     def project(self, x: csr_matrix) -> np.ndarray:
         """(rows, dims) float32 unit vectors: `sparse` rows projected by their words' sign vectors (zero for a
@@ -129,25 +149,29 @@ class LexicalSpace:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         cache: dict = {}
-        return self.vectors([bag(t, cache) for t in texts])
+        return self.vectors([self.bag(t, cache) for t in texts])
 
     def encode_sparse(self, texts: list[str]) -> csr_matrix:
         cache: dict = {}
-        return self.sparse([bag(t, cache) for t in texts])
+        return self.sparse([self.bag(t, cache) for t in texts])
 
     @classmethod
-    def fit(cls, texts: list[str], dims: int = DIMS, idf_power: float = IDF_POWER) -> "LexicalSpace":
-        space = cls(dims=dims, idf_power=idf_power)
+    def fit(cls, texts: list[str], dims: int = DIMS, idf_power: float = IDF_POWER,
+            pair_weight: float = PAIR_WEIGHT) -> "LexicalSpace":
+        space = cls(dims=dims, idf_power=idf_power, pair_weight=pair_weight)
         cache: dict = {}
-        space.count([bag(t, cache) for t in texts])
+        space.count([space.bag(t, cache) for t in texts])
         return space
 
 
-def check_settings(idf_power: float, query_scale: float):
-    """One line naming the flag (`--idf_power`, `--query_scale`: kmer_index.py build and eval_filter.py) when a
-    setting cannot be used."""
+def check_settings(idf_power: float, query_scale: float, pair_weight: float = PAIR_WEIGHT):
+    """One line naming the flag (`--idf_power`, `--query_scale`, `--word_pairs`: kmer_index.py build and
+    eval_filter.py) when a setting cannot be used."""
     if idf_power < 0:
         raise ValueError(f"--idf_power {idf_power:g}: give a power >= 0 (1 = plain idf, {IDF_POWER:g} = the default)")
+    if pair_weight < 0:
+        raise ValueError(f"--word_pairs {pair_weight:g}: give a weight >= 0 (0 = words alone, {PAIR_WEIGHT:g} = the "
+                         f"default)")
     if query_scale <= 0:
         raise ValueError(f"--query_scale {query_scale:g}: give a scale > 0 (1 = queries weigh their words as passages "
                          f"do, {QUERY_SCALE:g} = the default)")
@@ -169,8 +193,8 @@ def joined(vectors: np.ndarray, lexical: np.ndarray | None, weight: float) -> np
 
 def list_sums(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: float):
     """Per list, the sum of its passages' routed vectors in the exact space [unit vector, weight x exact unit
-    TF-IDF row]: ((K, d) dense, (K, BUCKETS) csr). Sums of chunks add up; `unit_lists` makes them centroids.
-    vectors: (n, d) routed vectors (d may be 0); words: (n, BUCKETS) csr from `LexicalSpace.sparse`."""
+    TF-IDF row]: ((K, d) dense, (K, WIDTH) csr). Sums of chunks add up; `unit_lists` makes them centroids.
+    vectors: (n, d) routed vectors (d may be 0); words: (n, WIDTH) csr from `LexicalSpace.sparse`."""
     n = len(codes)
     member = csr_matrix((np.ones(n, np.float32), (codes, np.arange(n))), shape=(K, n))
     dense = np.asarray(member @ unit_rows(vectors).astype(np.float32), dtype=np.float32).reshape(K, vectors.shape[1])
@@ -185,7 +209,7 @@ def unit_lists(dense: np.ndarray, sparse):
 
 
 def word_lists(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: float):
-    """Each list's centroid in the exact space, (K, d) dense part and (K, BUCKETS) sparse word part: the mean
+    """Each list's centroid in the exact space, (K, d) dense part and (K, WIDTH) sparse word part: the mean
     direction of its passages' [unit vector, weight x exact unit TF-IDF row]. Lists are fitted (k-means) on the
     projected vectors; queries then pick them against these centroids, so a query's words meet the lists' words
     without the projection's noise (README "Adopted: queries meet the lists' words exactly")."""

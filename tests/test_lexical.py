@@ -12,16 +12,28 @@ from vqvae_phase1_model import load_pretrained
 from test_index import TEXTS, _corpus, ckpt, fp32_indexes  # noqa: F401  (module fixtures)
 
 
-def tfidf_cosines(texts):
-    """Exact cosines of the unprojected TF-IDF vectors, words as the keys (no hashing, no projection)."""
-    space = lexical.LexicalSpace.fit(texts)
-    vecs = []
-    for t in texts:
-        ids, tf = lexical.bag(t)
-        v = {}
-        for i, c in zip(ids, tf):
-            v[int(i)] = (1 + np.log(c)) * space.idf(np.array([i]))[0]
-        vecs.append(v)
+def by_hand_terms(text, pair_weight):
+    """A text's terms counted by hand: {term id: (count, weight factor)}, words and adjacent word pairs."""
+    ws = text.lower().split()
+    out = {}
+    for term, bucket, factor in [(w, lexical._bucket(w), 1.0) for w in ws] + [
+            (f"{a} {b}", lexical.BUCKETS + lexical._bucket(f"{a} {b}"), pair_weight) for a, b in zip(ws, ws[1:])]:
+        n, _ = out.get(bucket, (0, factor))
+        out[bucket] = (n + 1, factor)
+    return out
+
+
+def tfidf_cosines(texts, pair_weight=lexical.PAIR_WEIGHT):
+    """Exact cosines of the unprojected TF-IDF vectors of words and word pairs, terms counted by hand (no
+    projection); document frequencies by hand too."""
+    df = {}
+    terms = [by_hand_terms(t, pair_weight) for t in texts]
+    terms = [{i: x for i, x in t.items() if i < lexical.BUCKETS or pair_weight} for t in terms]
+    for t in terms:
+        for i in t:
+            df[i] = df.get(i, 0) + 1
+    idf = lambda i: (np.log((len(texts) + 1) / (df.get(i, 0) + 1)) + 1) ** lexical.IDF_POWER
+    vecs = [{i: (1 + np.log(c)) * f * idf(i) for i, (c, f) in t.items()} for t in terms]
     norm = [np.sqrt(sum(x * x for x in v.values())) for v in vecs]
     return np.array([[sum(a[k] * b.get(k, 0.0) for k in a) / (na * nb) for b, nb in zip(vecs, norm)]
                      for a, na in zip(vecs, norm)])
@@ -31,7 +43,7 @@ def exact_tfidf(texts, space):
     """Each text's unit TF-IDF as {bucket: weight}, by hand (no projection)."""
     out = []
     for t in texts:
-        ids, tf = lexical.bag(t)
+        ids, tf = space.bag(t)
         v = {int(i): (1 + np.log(c)) * space.idf(np.array([i]))[0] for i, c in zip(ids, tf)}
         n = np.sqrt(sum(x * x for x in v.values())) or 1.0
         out.append({k: x / n for k, x in v.items()})
@@ -72,7 +84,7 @@ def test_words_are_normalised_and_hashed_the_same_everywhere():
 def test_idf_weights_rare_shared_words_above_common_ones():
     docs = ["alpha common words here", "beta common words there", "gamma common words again",
             "delta common stuff", "zebra quokka common"]
-    space = lexical.LexicalSpace.fit(docs)
+    space = lexical.LexicalSpace.fit(docs, pair_weight=0)  # words alone (pairs: the test above)
     common, rare = lexical.bag("common")[0], lexical.bag("quokka")[0]
     assert space.n_docs == 5 and space.df[common][0] == 5 and space.df[rare][0] == 1
     assert space.idf_power == lexical.IDF_POWER == 2.0
@@ -92,13 +104,47 @@ def test_idf_weights_rare_shared_words_above_common_ones():
     assert space.vectors([lexical.bag("")])[0].tolist() == [0.0] * lexical.DIMS  # no words: a zero vector
 
 
+def test_word_pairs_are_terms_of_their_own_at_their_weight():
+    ids, tf = lexical.bag("new york is not york new")
+    assert (ids < lexical.BUCKETS).all() and len(ids) == 4  # words alone unless asked
+    ids, tf = lexical.bag("new york is not york new", pairs=True)
+    pairs = ids[ids >= lexical.BUCKETS]
+    assert len(ids) == 4 + 5 and (ids < lexical.WIDTH).all()
+    assert lexical.BUCKETS + lexical._bucket("new york") in pairs and lexical.BUCKETS + lexical._bucket("york new") in pairs
+    docs = ["new york city hall", "york minster near new forest", "paris city hall", "old town square",
+            "hall city york new", "city of york"]
+    space = lexical.LexicalSpace.fit(docs)
+    assert space.pair_weight == lexical.PAIR_WEIGHT == 0.7 and space.df.shape == (lexical.WIDTH,)
+    ny = np.array([lexical.BUCKETS + lexical._bucket("new york")])
+    assert space.df[ny][0] == 1 and space.df[lexical.bag("york")[0]][0] == 4
+    # a pair weighs PAIR_WEIGHT x what a word of its document frequency weighs
+    minster = lexical.bag("minster")[0]
+    assert space.df[minster][0] == 1 and space.idf(ny)[0] == pytest.approx(0.7 * space.idf(minster)[0])
+    # the query's pair picks the passage that has it, where words alone tie it with the reversed one
+    q = space.encode_sparse(["new york"])
+    d = space.encode_sparse(docs)
+    scores = np.asarray((d @ q.T).todense()).ravel()
+    assert int(np.argmax(scores)) == 0 and scores[0] > scores[4] + 0.05
+    words_alone = lexical.LexicalSpace.fit(docs, pair_weight=0)
+    assert (words_alone.df[lexical.BUCKETS:] == 0).all()
+    d0, q0 = words_alone.encode_sparse(docs), words_alone.encode_sparse(["new york"])
+    s0 = np.asarray((d0 @ q0.T).todense()).ravel()
+    assert d0.shape == (6, lexical.WIDTH) and s0[0] == pytest.approx(s0[4])
+    # document frequencies counted before pairs (an index built before them): words alone
+    old = lexical.LexicalSpace(words_alone.df[:lexical.BUCKETS], words_alone.n_docs)
+    assert old.pair_weight == 0 and old.df.shape == (lexical.WIDTH,)
+    assert np.array_equal(old.encode_sparse(docs).toarray(), d0.toarray())
+    with pytest.raises(ValueError, match="--word_pairs"):
+        lexical.check_settings(2.0, 4.0, -0.5)
+
+
 def test_a_higher_idf_power_leans_the_vector_on_the_rarer_words():
     docs = ["rare topic words"] + [f"topic words filler{i}" for i in range(9)] + [f"words alone{i}" for i in range(10)]
     text = ["rare topic words words words"]  # idf: rare 3.35, topic 1.65, words 1.0 (df 1, 10, 20 of 20)
     ids = {w: lexical.bag(w)[0] for w in ("rare", "topic", "words")}
     leans = []
     for power in (0.0, 1.0, 2.0, 3.0):
-        v = lexical.LexicalSpace.fit(docs, idf_power=power).encode(text)[0]
+        v = lexical.LexicalSpace.fit(docs, idf_power=power, pair_weight=0).encode(text)[0]
         s = {w: lexical.sign_vectors(i)[0] for w, i in ids.items()}
         share = {w: float(v @ s[w]) for w in s}
         leans.append(share["rare"] - share["words"])
@@ -111,11 +157,13 @@ def test_projection_keeps_tfidf_cosines():
     rng = np.random.default_rng(0)
     vocab = [f"w{i}" for i in range(300)]
     texts = [" ".join(rng.choice(vocab, size=rng.integers(5, 40), p=None)) for _ in range(60)]
-    exact = tfidf_cosines(texts)
-    got = lexical.LexicalSpace.fit(texts).encode(texts)
-    proj = got @ got.T
     off = ~np.eye(len(texts), dtype=bool)
-    assert np.abs(proj - exact)[off].mean() < 0.03 and np.corrcoef(proj[off], exact[off])[0, 1] > 0.9
+    # random words: every pair is rare, so with pairs the cosines are smaller beside the same ~1/sqrt(DIMS) noise
+    for pair_weight, corr in ((0.0, 0.9), (lexical.PAIR_WEIGHT, 0.6)):
+        exact = tfidf_cosines(texts, pair_weight)
+        got = lexical.LexicalSpace.fit(texts, pair_weight=pair_weight).encode(texts)
+        proj = got @ got.T
+        assert np.abs(proj - exact)[off].mean() < 0.03 and np.corrcoef(proj[off], exact[off])[0, 1] > corr
 
 
 def test_joined_vector_weights_the_lexical_part():
@@ -142,7 +190,7 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     assert np.array_equal(loaded.codes, (want @ loaded.centroids.T).argmax(1))
     assert np.linalg.norm(loaded.centroids[:, v.shape[1]:], axis=1).min() > 0.1  # the lists hold the words too
     # queries route the same way, from their text, their lexical part at the query scale
-    assert loaded.query_scale == lexical.QUERY_SCALE == 4.0 and index.meta["lexical_query_scale"] == 4.0
+    assert loaded.query_scale == lexical.QUERY_SCALE == 16.0 and index.meta["lexical_query_scale"] == 16.0
     as_queries = lexical.joined(kmer_index.routed(v, loaded.center, loaded.transform), space.encode(TEXTS),
                                 lexical.DEFAULT_LEXICAL * lexical.QUERY_SCALE)
     projected_order = np.argsort(-(as_queries @ loaded.centroids.T), axis=1, kind="stable")
@@ -194,13 +242,16 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     meta = json.load(open(tmp_path / "i" / "index.json"))
     assert meta["lexical_dims"] == lexical.DIMS and meta["lexical_idf_power"] == lexical.IDF_POWER
     assert loaded.lexical.idf_power == grown.lexical.idf_power == lexical.IDF_POWER
+    assert meta["lexical_pair_weight"] == loaded.lexical.pair_weight == grown.lexical.pair_weight == lexical.PAIR_WEIGHT
     # an index built before the power and the scale were recorded routes as it was built: plain idf, queries
-    # weighing their words as passages do
-    meta.pop("lexical_idf_power"), meta.pop("lexical_query_scale")
+    # weighing their words as passages do, words alone (document frequencies of the words only)
+    meta.pop("lexical_idf_power"), meta.pop("lexical_query_scale"), meta.pop("lexical_pair_weight")
     json.dump(meta, open(tmp_path / "i" / "index.json", "w"))
+    np.save(tmp_path / "i" / "lexical_df.npy", np.load(tmp_path / "i" / "lexical_df.npy")[:lexical.BUCKETS])
     old = kmer_index.Index.load(str(tmp_path / "i"))
-    assert old.lexical.idf_power == 1.0 and old.query_scale == 1.0
-    for flag, bad in (("--idf_power", "-1"), ("--query_scale", "0")):
+    assert old.lexical.idf_power == 1.0 and old.query_scale == 1.0 and old.lexical.pair_weight == 0.0
+    assert (old.lexical.encode_sparse(TEXTS).indices < lexical.BUCKETS).all()
+    for flag, bad in (("--idf_power", "-1"), ("--query_scale", "0"), ("--word_pairs", "-1")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "p"),
