@@ -4,6 +4,7 @@
     python eval_filter.py --checkpoint runs/demo/kmer_vqvae_phase2_aligned.pt --dataset squad
     python eval_filter.py --checkpoint runs/demo/kmer_vqvae_phase2_aligned.pt --dataset scitldr
     python eval_filter.py --checkpoint runs/demo/kmer_vqvae_phase2_aligned.pt --dataset medquad
+    python eval_filter.py --checkpoint runs/demo/kmer_vqvae_phase2_aligned.pt --dataset pubmedqa   # or arxiv_titles
     python eval_filter.py --checkpoint kmer_vqvae_phase2_aligned.pt --dataset beir --beir_dir path/to/scifact
 
 Every passage goes into one code; a query probes its n nearest codes (n = 1, 2, 4, ...), and the
@@ -292,8 +293,10 @@ def plot(results: dict, path: str, title: str):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a Phase 2 (or 1a/1b) checkpoint")
-    ap.add_argument("--dataset", default="cisi", choices=("cisi", "squad", "scitldr", "medquad", "beir"),
-                    help="cisi, scitldr and medquad: the bundled BEIR sets (data/retrieval); beir: any, with --beir_dir")
+    ap.add_argument("--dataset", default="cisi", choices=("cisi", "squad", "scitldr", "medquad", "pubmedqa",
+                                                          "arxiv_titles", "beir"),
+                    help="cisi, scitldr, medquad, pubmedqa, arxiv_titles: the bundled BEIR sets (data/retrieval); "
+                         "beir: any, with --beir_dir")
     ap.add_argument("--beir_dir", default="", help="BEIR folder for --dataset beir")
     ap.add_argument("--squad_file", default=os.path.join(REPO, "data", "pairs", "squad_dev.jsonl.gz"),
                     help="SQuAD dev: the bundled rows, or the original dev-v1.1.json(.zip)")
@@ -362,7 +365,7 @@ def run(args) -> dict:
     else:
         if args.dataset == "beir" and not args.beir_dir:
             raise UserError("--dataset beir needs --beir_dir FOLDER (corpus.jsonl, queries.jsonl, qrels/); "
-                            "--dataset cisi, scitldr or medquad for the bundled ones")
+                            "--dataset cisi, scitldr, medquad, pubmedqa or arxiv_titles for the bundled ones")
         folder = args.beir_dir if args.dataset == "beir" else os.path.join(REPO, "data", "retrieval", args.dataset)
         doc_ids, docs, qids, queries, qrels = load_beir(folder, args.split)
     index = {d: i for i, d in enumerate(doc_ids)}

@@ -164,6 +164,18 @@ def retrieval(src: str):
             queries.append({"_id": f"{d['_id']}_q{j}", "text": q})
             qrels.append((queries[-1]["_id"], d["_id"]))
     write_beir(os.path.join(HERE, "retrieval/medquad"), docs, queries, qrels)
+    # Two check sets whose texts Phase 1b trains on (academic/, above) but whose pairing no phase sees: each
+    # PubMedQA expert question against the 1,000 abstracts, each arXiv title against the 2,000 abstracts
+    pq = json.load(open(os.path.join(src, "academic/pubmedqa/ori_pqal.json"), encoding="utf-8"))
+    write_beir(os.path.join(HERE, "retrieval/pubmedqa"),
+               [{"_id": f"d{k}", "title": "", "text": " ".join(v["CONTEXTS"])} for k, v in pq.items()],
+               [{"_id": f"q{k}", "text": v["QUESTION"]} for k, v in pq.items()], [(f"q{k}", f"d{k}") for k in pq])
+    with open(os.path.join(src, "academic/arxiv/arxiv_metadata_first2000.csv"), encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    write_beir(os.path.join(HERE, "retrieval/arxiv_titles"),
+               [{"_id": f"d{i}", "title": "", "text": " ".join(r["abstract"].split())} for i, r in enumerate(rows)],
+               [{"_id": f"q{i}", "text": " ".join(r["title"].split())} for i, r in enumerate(rows)],
+               [(f"q{i}", f"d{i}") for i in range(len(rows))])
 
 
 def write_beir(out: str, docs, queries, qrels):

@@ -220,7 +220,8 @@ def test_pair_batcher_resume_keeps_the_deferred_pairs():
 def test_bundled_retrieval_sets_load_with_their_judgements():
     import eval_filter
     sets = {}
-    for name, n_docs, n_queries in (("cisi", 1460, 76), ("scitldr", 3229, 3229), ("medquad", 2000, 2000)):
+    for name, n_docs, n_queries in (("cisi", 1460, 76), ("scitldr", 3229, 3229), ("medquad", 2000, 2000),
+                                    ("pubmedqa", 1000, 1000), ("arxiv_titles", 2000, 2000)):
         doc_ids, docs, qids, queries, qrels = sets[name] = eval_filter.load_beir(os.path.join(REPO, "data", "retrieval", name))
         assert len(docs) == len(set(doc_ids)) == n_docs and len(queries) == len(qids) == n_queries
         assert all(qrels[q] and qrels[q] <= set(doc_ids) for q in qids)
@@ -234,6 +235,10 @@ def test_bundled_retrieval_sets_load_with_their_judgements():
         trained = [json.loads(line) for line in f]
     seen = {r["question"].strip() for r in trained} | {r["answer"].strip() for r in trained}
     assert not seen & (set(docs) | set(queries))
+    # PubMedQA and arXiv titles: one question (title) per abstract, judged against that abstract alone
+    for name in ("pubmedqa", "arxiv_titles"):
+        doc_ids, docs, qids, queries, qrels = sets[name]
+        assert all(qrels[q] == {"d" + q[1:]} for q in qids) and len(set(queries)) > 0.99 * len(queries)
 
 
 def test_lexicon_domain_words_read_phase1b_text_or_say_what_is_missing(tmp_path):
