@@ -21,12 +21,13 @@ variance^(-P/2), P = `--whiten`, 0.5 by default, 0 = off); `--lists model` uses 
 (no fitting pass, no transform; README "Filter quality").
 `--lexical W` (corpus lists; default 1.25, 0 = off): the routed vector is the model's (centred, half-whitened,
 unit) beside W x a unit hashed-word TF-IDF vector (`lexical.py`; words weighted by idf ** `--idf_power`, 2 by
-default, and each pair of adjacent words beside them at `--word_pairs` (0.7) x its idf ** power), with document frequencies counted on the corpus (`lexical_df.npy`); queries route the same way from
-their text, their lexical part at `--query_scale` (16) x W (README "Adopted: a lexical part in the lists",
-"Adopted: idf squared in the lexical part", "Adopted: word pairs in the lexical part"). k-means fits the lists on the words projected to 2,048 dims; queries
-then pick lists against each list's exact centroid (`list_vectors.npy` (K, d) and `list_words_{indptr,cols,vals}.npy`,
-the list's words unprojected; `--word_routing projected` skips them: README "Adopted: queries meet the lists'
-words exactly").
+default, and each pair of adjacent words beside them at `--word_pairs` (0.7) x its idf ** power), with document
+frequencies counted on the corpus (`lexical_df.npy`); queries route the same way from their text, their lexical
+part at `--query_scale` (16) x W (README "Adopted: a lexical part in the lists", "Adopted: idf squared in the
+lexical part", "Adopted: word pairs in the lexical part"). k-means fits the lists on the words projected to
+2,048 dims; queries then pick lists against each list's exact centroid (`list_vectors.npy` (K, d) and
+`list_words_{indptr,cols,vals}.npy`, the list's words unprojected; `--word_routing projected` skips them: README
+"Adopted: queries meet the lists' words exactly").
 """
 from __future__ import annotations
 
@@ -213,8 +214,7 @@ class Index:
             if arr is not None:
                 _save_npy(folder, name, arr.astype(np.float32))
         if self.lexical is not None:
-            df = self.lexical.df if self.lexical.pair_weight else self.lexical.df[:lexical.BUCKETS]  # words alone:
-            _save_npy(folder, "lexical_df.npy", df)  # the words' counts, as indexes built before word pairs
+            _save_npy(folder, "lexical_df.npy", self.lexical.stored_df())
         if self.word_lists is not None:
             dense, words = self.word_lists
             for name, arr in (("list_vectors.npy", dense.astype(np.float32)), ("list_words_vals.npy", words.data),

@@ -53,16 +53,12 @@ def bag(text: str, cache: dict | None = None, pairs: bool = False) -> tuple[np.n
     """(distinct term ids of the text, sorted; how often each occurs): its words' buckets, and with `pairs`
     each pair of adjacent words' bucket + BUCKETS. cache: a memo of term -> id, shared between calls."""
     cache = {} if cache is None else cache
-    ids, ws = [], words(text)
-    for w in ws:
-        b = cache.get(w)
-        if b is None:
-            b = cache[w] = _bucket(w)
-        ids.append(b)
-    for pair in (f"{a} {b}" for a, b in zip(ws, ws[1:])) if pairs else ():  # a space: never inside a word
-        b = cache.get(pair)
-        if b is None:
-            b = cache[pair] = BUCKETS + _bucket(pair)
+    ws = words(text)
+    ids = []
+    for term in ws + ([f"{a} {b}" for a, b in zip(ws, ws[1:])] if pairs else []):
+        b = cache.get(term)
+        if b is None:  # a space is never inside a word: it marks a pair
+            b = cache[term] = _bucket(term) + (BUCKETS if " " in term else 0)
         ids.append(b)
     if not ids:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -105,6 +101,11 @@ class LexicalSpace:
             raise ValueError(f"document frequencies have shape {self.df.shape}, not ({WIDTH},)")
         self.n_docs, self.dims, self.idf_power = int(n_docs), int(dims), float(idf_power)
         self.pair_weight = float(pair_weight)
+
+    def stored_df(self) -> np.ndarray:
+        """The document frequencies to keep on disk: the words' rows alone when this space counts no pairs (as
+        indexes built before them; `__init__` reads either)."""
+        return self.df if self.pair_weight else self.df[:BUCKETS]
 
     def bag(self, text: str, cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`bag` with the word pairs this space counts (none at pair weight 0)."""

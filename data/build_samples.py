@@ -76,16 +76,26 @@ def webtext(src: str, wikipedia_chars: int = 7_000_000):
     write_jsonl(os.path.join(HERE, "webtext/wikipedia_validation.jsonl.gz"), [p for p in pages if held_out(p["id"], 25)])
 
 
-def academic(src: str):
+def arxiv_rows(src: str) -> list[dict]:
+    """The 2,000 arXiv abstracts: id, title, abstract, whitespace runs made single spaces."""
     with open(os.path.join(src, "academic/arxiv/arxiv_metadata_first2000.csv"), encoding="utf-8", newline="") as f:
-        rows = [{"id": r["id"], "title": " ".join(r["title"].split()), "abstract": " ".join(r["abstract"].split())}
+        return [{"id": r["id"], "title": " ".join(r["title"].split()), "abstract": " ".join(r["abstract"].split())}
                 for r in csv.DictReader(f)]
+
+
+def pubmedqa_rows(src: str) -> list[dict]:
+    """The 1,000 expert-labelled PubMedQA abstracts (joined CONTEXTS) with their question, in the
+    ccdv/pubmed-summarization schema (article, abstract); the question rides along for Phase 2."""
+    pq = json.load(open(os.path.join(src, "academic/pubmedqa/ori_pqal.json"), encoding="utf-8"))
+    return [{"article": "", "abstract": " ".join(v["CONTEXTS"]), "pmid": k, "question": v["QUESTION"]}
+            for k, v in pq.items()]
+
+
+def academic(src: str):
+    rows = arxiv_rows(src)
     write_jsonl(os.path.join(HERE, "academic/arxiv_train.jsonl.gz"), [r for r in rows if not held_out(r["id"], 10)])
     write_jsonl(os.path.join(HERE, "academic/arxiv_validation.jsonl.gz"), [r for r in rows if held_out(r["id"], 10)])
-    pq = json.load(open(os.path.join(src, "academic/pubmedqa/ori_pqal.json"), encoding="utf-8"))
-    rows = [{"article": "", "abstract": " ".join(v["CONTEXTS"]), "pmid": k, "question": v["QUESTION"]}
-            for k, v in pq.items()]
-    # ccdv/pubmed-summarization schema (article, abstract); the question rides along for Phase 2.
+    rows = pubmedqa_rows(src)
     write_jsonl(os.path.join(HERE, "academic/pubmed_train.jsonl.gz"), [r for r in rows if not held_out(r["pmid"], 10)])
     write_jsonl(os.path.join(HERE, "academic/pubmed_validation.jsonl.gz"), [r for r in rows if held_out(r["pmid"], 10)])
 
@@ -164,17 +174,18 @@ def retrieval(src: str):
             queries.append({"_id": f"{d['_id']}_q{j}", "text": q})
             qrels.append((queries[-1]["_id"], d["_id"]))
     write_beir(os.path.join(HERE, "retrieval/medquad"), docs, queries, qrels)
-    # Two check sets whose texts Phase 1b trains on (academic/, above) but whose pairing no phase sees: each
-    # PubMedQA expert question against the 1,000 abstracts, each arXiv title against the 2,000 abstracts
-    pq = json.load(open(os.path.join(src, "academic/pubmedqa/ori_pqal.json"), encoding="utf-8"))
+    # Two check sets over academic/'s texts, which Phase 1b trains on (and Phase 2 on ~90% of PubMedQA's
+    # question-abstract pairs: not held out): each PubMedQA expert question against the 1,000 abstracts, each
+    # arXiv title against the 2,000 abstracts
+    pq = pubmedqa_rows(src)
     write_beir(os.path.join(HERE, "retrieval/pubmedqa"),
-               [{"_id": f"d{k}", "title": "", "text": " ".join(v["CONTEXTS"])} for k, v in pq.items()],
-               [{"_id": f"q{k}", "text": v["QUESTION"]} for k, v in pq.items()], [(f"q{k}", f"d{k}") for k in pq])
-    with open(os.path.join(src, "academic/arxiv/arxiv_metadata_first2000.csv"), encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
+               [{"_id": f"d{r['pmid']}", "title": "", "text": r["abstract"]} for r in pq],
+               [{"_id": f"q{r['pmid']}", "text": r["question"]} for r in pq],
+               [(f"q{r['pmid']}", f"d{r['pmid']}") for r in pq])
+    rows = arxiv_rows(src)
     write_beir(os.path.join(HERE, "retrieval/arxiv_titles"),
-               [{"_id": f"d{i}", "title": "", "text": " ".join(r["abstract"].split())} for i, r in enumerate(rows)],
-               [{"_id": f"q{i}", "text": " ".join(r["title"].split())} for i, r in enumerate(rows)],
+               [{"_id": f"d{i}", "title": "", "text": r["abstract"]} for i, r in enumerate(rows)],
+               [{"_id": f"q{i}", "text": r["title"]} for i, r in enumerate(rows)],
                [(f"q{i}", f"d{i}") for i in range(len(rows))])
 
 
