@@ -83,6 +83,40 @@ def load_squad(path: str):
             {q: {cid[r["context"]]} for q, r in zip(qids, rows)}, titles)
 
 
+DISTRACTOR_FILES = ("webtext/wikipedia_validation.jsonl.gz", "webtext/c4_validation.jsonl.gz",
+                    "webtext/wikipedia_train.jsonl.gz", "webtext/c4_train.jsonl.gz")
+
+
+def web_distractors(n: int, exclude_titles=(), root: str = os.path.join(REPO, "data")) -> list[str]:
+    """n passages of the bundled web text (Wikipedia and C4 pages, paragraphs packed or cut to ~300-800
+    characters), in a fixed shuffle, for a larger corpus: `--distractors N` adds them to the set's passages, no
+    query judged against them. Wikipedia pages titled as in `exclude_titles` are left out (SQuAD's articles)."""
+    skip = {t.replace("_", " ").lower() for t in exclude_titles}
+    passages = []
+    for name in DISTRACTOR_FILES:
+        for row in map(json.loads, _open(os.path.join(root, name))):
+            if row.get("title", "").replace("_", " ").lower() in skip:
+                continue
+            text = row.get("text") or row.get("input", "") + " " + row.get("output", "")
+            buf = ""
+            for para in (p.strip() for p in text.split("\n")):
+                buf = f"{buf} {para}".strip() if para else buf
+                while len(buf) > 800:  # cut at a sentence end, else a space
+                    cut = buf.rfind(". ", 300, 800)
+                    cut = cut + 1 if cut > 0 else max(buf.rfind(" ", 300, 800), 800)
+                    passages.append(buf[:cut].strip())
+                    buf = buf[cut:].strip()
+                if len(buf) >= 300:
+                    passages.append(buf)
+                    buf = ""
+            if len(buf) >= 150:
+                passages.append(buf)
+    if n > len(passages):
+        raise UserError(f"--distractors {n}: the bundled web text holds {len(passages):,} passages; give at most that")
+    order = np.random.default_rng(0).permutation(len(passages))[:n]
+    return [passages[i] for i in sorted(order)]
+
+
 def recall_curves(code_of_doc: np.ndarray, probe_order: np.ndarray, rel_docs: list[np.ndarray],
                   fractions=FRACTIONS) -> tuple[dict, list[dict], dict]:
     """Recall at corpus fractions (partial last code counted by its expected share) + n-probe table
@@ -301,6 +335,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--squad_file", default=os.path.join(REPO, "data", "pairs", "squad_dev.jsonl.gz"),
                     help="SQuAD dev: the bundled rows, or the original dev-v1.1.json(.zip)")
     ap.add_argument("--split", default="test", help="qrels split")
+    ap.add_argument("--distractors", type=int, default=0,
+                    help="add this many passages of the bundled web text (Wikipedia, C4) to the corpus, judged "
+                         "relevant to no query: the same queries against a larger corpus (README \"Adopted: list "
+                         "centroids normalised part by part\")")
     ap.add_argument("--output_dir", default="", help="default: the checkpoint's folder")
     ap.add_argument("--teacher", default="")
     ap.add_argument("--teacher_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher"))
@@ -368,9 +406,17 @@ def run(args) -> dict:
                             "--dataset cisi, scitldr, medquad, pubmedqa or arxiv_titles for the bundled ones")
         folder = args.beir_dir if args.dataset == "beir" else os.path.join(REPO, "data", "retrieval", args.dataset)
         doc_ids, docs, qids, queries, qrels = load_beir(folder, args.split)
+    if args.distractors < 0:
+        raise UserError(f"--distractors {args.distractors}: give a number of passages >= 0")
+    if args.distractors:  # a larger corpus: the bundled web text beside the set's passages
+        titles = ({json.loads(l)["title"] for l in _open(args.squad_file)} if args.dataset == "squad" else ())
+        more = web_distractors(args.distractors, titles)
+        doc_ids, docs = doc_ids + [f"distractor:{i}" for i in range(len(more))], docs + more
+        extra["distractors"] = len(more)
     index = {d: i for i, d in enumerate(doc_ids)}
     rel_docs = [np.array(sorted(index[d] for d in qrels[q])) for q in qids]
-    print(f"{args.dataset}: {len(docs)} passages, {len(queries)} queries with relevant passages")
+    print(f"{args.dataset}: {len(docs)} passages{f' ({args.distractors:,} of them bundled web text)' if args.distractors else ''}, "
+          f"{len(queries)} queries with relevant passages")
 
     # 2. student codes
     try:
@@ -490,6 +536,7 @@ def run(args) -> dict:
     stem = (os.path.splitext(os.path.basename(args.checkpoint))[0] + "_int8" * args.int8 + "_bag" * args.bag_only
             + "_bf16" * args.bf16 + (f"_lists{L}" if L != K else "")
             + (f"_seeds{args.list_seeds}" if args.list_seeds > 1 else ""))
+    name += f"+web{args.distractors}" if args.distractors else ""
     json_path = os.path.join(out_dir, f"{stem}_{name}_filter_eval.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)

@@ -23,11 +23,12 @@ variance^(-P/2), P = `--whiten`, 0.5 by default, 0 = off); `--lists model` uses 
 unit) beside W x a unit hashed-word TF-IDF vector (`lexical.py`; words weighted by idf ** `--idf_power`, 2 by
 default, and each pair of adjacent words beside them at `--word_pairs` (0.7) x its idf ** power), with document
 frequencies counted on the corpus (`lexical_df.npy`); queries route the same way from their text, their lexical
-part at `--query_scale` (16) x W (README "Adopted: a lexical part in the lists", "Adopted: idf squared in the
+part at `--query_scale` (12) x W (README "Adopted: a lexical part in the lists", "Adopted: idf squared in the
 lexical part", "Adopted: word pairs in the lexical part"). k-means fits the lists on the words projected to
 2,048 dims; queries then pick lists against each list's exact centroid (`list_vectors.npy` (K, d) and
 `list_words_{indptr,cols,vals}.npy`, the list's words unprojected; `--word_routing projected` skips them: README
-"Adopted: queries meet the lists' words exactly").
+"Adopted: queries meet the lists' words exactly"): its passages' mean vector direction beside W x their mean
+word direction, each part normalised on its own (README "Adopted: list centroids normalised part by part").
 """
 from __future__ import annotations
 
@@ -415,7 +416,7 @@ def build(args) -> Index:
                     part = lexical.list_sums(codes[-1], K, r, x, weight)
                     sums = part if sums is None else (sums[0] + part[0], sums[1] + part[1])
             if sums is not None:
-                word_lists = lexical.unit_lists(*sums)
+                word_lists = lexical.unit_lists(*sums, weight)
             del V, pairs
     finally:
         for path in (spool, lex_spool):
@@ -444,6 +445,9 @@ def build(args) -> Index:
         codes, ids, sources = np.concatenate([old.codes, codes]), old.ids + ids, np.concatenate([old.sources, sources])
     if word_lists is not None:  # an appended corpus keeps the index's word lists, and says so
         meta["word_routing"] = "exact"
+        # how the lists' exact centroids were normalised (before: "joint", both parts together, and no field;
+        # stored centroids route as built either way)
+        meta["word_lists_norm"] = old.meta.get("word_lists_norm", "joint") if old is not None else "parts"
     index = Index(meta, centroids, codes, ids, sources, center, transform, lexical_df, word_lists)
     index.save(args.index)
     return index

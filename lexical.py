@@ -33,8 +33,8 @@ NONZERO = 8  # coordinates each bucket's sign vector touches
 DEFAULT_LEXICAL = 1.25  # weight of the lexical part in an index's routed vectors (README "Adopted: word pairs in
 # the lexical part"; 1.5 with words alone, 2 before that, with queries at 1.5x and 2.5x)
 IDF_POWER = 2.0  # idf ** IDF_POWER: the rarest words carry the vector (README "Adopted: idf squared"; 1 = plain idf)
-QUERY_SCALE = 16.0  # a query's lexical part weighs this x a passage's when it picks lists (README "Adopted: word
-# pairs in the lexical part"; 4 with words alone, 1.5 before exact word routing)
+QUERY_SCALE = 12.0  # a query's lexical part weighs this x a passage's when it picks lists (README "Adopted: list
+# centroids normalised part by part"; 16 before them, 4 with words alone, 1.5 before exact word routing)
 PAIR_WEIGHT = 0.7  # a word pair's weight, x its idf ** IDF_POWER (README "Adopted: word pairs in the lexical
 # part"; 0 = words alone, as every index built before them)
 _WORD = re.compile(r"\w+")
@@ -202,19 +202,26 @@ def list_sums(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: flo
     return dense, csr_matrix(member @ words, dtype=np.float32) * np.float32(weight)
 
 
-def unit_lists(dense: np.ndarray, sparse):
-    """`list_sums` at unit norm over both parts: each list's centroid direction."""
-    norm = np.sqrt((dense * dense).sum(1) + np.asarray(sparse.multiply(sparse).sum(1)).ravel()).clip(min=1e-12)
-    scale = (1.0 / norm).astype(np.float32)
-    return (dense * scale[:, None]).astype(np.float32), csr_matrix(sparse.multiply(scale[:, None]), dtype=np.float32)
+def unit_lists(dense: np.ndarray, sparse, weight: float):
+    """`list_sums` -> each list's centroid, its two parts normalised apart, as a passage's are: [unit mean vector,
+    weight x unit mean TF-IDF row] / sqrt(1 + weight^2) (a list with no words: its unit mean vector alone, scaled
+    the same). Normalised together, the words of a list of many passages (which share few rare words) shrank
+    against its vector as the list grew, so a query's words counted for less in larger lists and corpora (README
+    "Adopted: list centroids normalised part by part")."""
+    dn = np.sqrt((dense * dense).sum(1)).clip(min=1e-12)
+    sn = np.sqrt(np.asarray(sparse.multiply(sparse).sum(1)).ravel()).clip(min=1e-12)
+    total = np.float32(np.sqrt(1.0 + weight * weight))
+    return ((dense / dn[:, None]) / total).astype(np.float32), \
+        csr_matrix(sparse.multiply((np.float32(weight) / (sn * total)).astype(np.float32)[:, None]), dtype=np.float32)
 
 
 def word_lists(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: float):
     """Each list's centroid in the exact space, (K, d) dense part and (K, WIDTH) sparse word part: the mean
-    direction of its passages' [unit vector, weight x exact unit TF-IDF row]. Lists are fitted (k-means) on the
-    projected vectors; queries then pick them against these centroids, so a query's words meet the lists' words
-    without the projection's noise (README "Adopted: queries meet the lists' words exactly")."""
-    return unit_lists(*list_sums(codes, K, vectors, words, weight))
+    direction of its passages' unit vectors beside weight x the mean direction of their exact unit TF-IDF rows
+    (`unit_lists`). Lists are fitted (k-means) on the projected vectors; queries then pick them against these
+    centroids, so a query's words meet the lists' words without the projection's noise (README "Adopted: queries
+    meet the lists' words exactly")."""
+    return unit_lists(*list_sums(codes, K, vectors, words, weight), weight)
 
 
 def list_scores(vectors: np.ndarray, words, weight: float, dense: np.ndarray, sparse) -> np.ndarray:

@@ -217,6 +217,27 @@ def test_pair_batcher_resume_keeps_the_deferred_pairs():
     assert list(old) != rest
 
 
+def test_web_distractors_are_fixed_nested_and_leave_out_the_named_pages():
+    import eval_filter
+    from train_common import UserError
+    few, more = eval_filter.web_distractors(50), eval_filter.web_distractors(400)
+    assert len(few) == 50 and len(more) == 400 and set(few) <= set(more)  # a larger N holds the smaller
+    assert few == eval_filter.web_distractors(50)  # the same passages every run
+    assert all(150 <= len(p) <= 800 for p in more)
+    with gzip.open(os.path.join(REPO, "data", "webtext", "wikipedia_validation.jsonl.gz"), "rt") as f:
+        page = json.loads(f.readline())
+    first = page["text"].strip().split("\n")[0][:120]  # its first paragraph starts a passage
+    with pytest.raises(UserError) as e:
+        eval_filter.web_distractors(10_000_000)
+    total = int(str(e.value).split("holds ")[1].split(" ")[0].replace(",", ""))
+    everything = eval_filter.web_distractors(total)
+    assert any(p.startswith(first) for p in everything)
+    left = eval_filter.web_distractors(total - 100, [page["title"]])  # that page left out, and only that page
+    assert not any(p.startswith(first) for p in left) and len(set(everything) - set(left)) < 100 + 20
+    with pytest.raises(UserError, match="--distractors 10000000: the bundled web text holds"):
+        eval_filter.web_distractors(10_000_000)
+
+
 def test_bundled_retrieval_sets_load_with_their_judgements():
     import eval_filter
     sets = {}

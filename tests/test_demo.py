@@ -64,3 +64,8 @@ def test_quick_demo_chain(tmp_path, teacher_cache_dir, capsys):
             moved += a["recall_at_fraction"][f] != b["recall_at_fraction"][f]
     assert moved  # the two draws differ somewhere, so the mean is not one of them
     assert two["methods"]["kmer_vqvae"] == m["kmer_vqvae"]  # the model's own codes take no draw
+    # --distractors N: the same queries against the corpus plus N passages of the bundled web text
+    big = eval_filter.main(common + ["--distractors", "30", "--output_dir", str(tmp_path / "web")])
+    assert big["distractors"] == 30 and big["passages"] == 1460 + 30 and big["queries"] == two["queries"]
+    assert big["query_set"] == two["query_set"] and big["json"].endswith("_lists8_cisi+web30_filter_eval.json")
+    assert big["methods"]["kmer_vqvae_ivf_lexical"]["codes"] == 8

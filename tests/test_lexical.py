@@ -51,8 +51,9 @@ def exact_tfidf(texts, space):
 
 
 def exact_list_order(codes, K, r_docs, w_docs, r_queries, w_queries, weight, query_weight):
-    """Lists nearest-first for each query against each list's exact centroid, by hand: the mean of its
-    passages' [unit vector, weight x unit TF-IDF], scored with [unit vector, query_weight x unit TF-IDF].
+    """Lists nearest-first for each query against each list's exact centroid, by hand: the mean direction of its
+    passages' unit vectors beside weight x the mean direction of their unit TF-IDF rows, scored with [unit vector,
+    query_weight x unit TF-IDF].
     -> (order, scores)."""
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
     r_docs, r_queries = unit(r_docs), unit(r_queries)
@@ -61,9 +62,12 @@ def exact_list_order(codes, K, r_docs, w_docs, r_queries, w_queries, weight, que
         dense[k] += r_docs[i]
         for b, x in w_docs[i].items():
             words[k][b] = words[k].get(b, 0.0) + weight * x
-    norm = np.sqrt((dense ** 2).sum(1) + np.array([sum(x * x for x in w.values()) for w in words]))
-    scores = np.array([[(r_queries[i] @ dense[k] + query_weight * sum(x * words[k].get(b, 0.0)
-                                                                      for b, x in w_queries[i].items())) / norm[k]
+    # each part at unit norm on its own (the words at `weight`), as a passage's are; then both by sqrt(1 + weight^2)
+    dense_norm = np.sqrt((dense ** 2).sum(1))
+    words_norm = np.array([np.sqrt(sum(x * x for x in w.values())) or 1.0 for w in words]) / weight
+    total = np.sqrt(1 + weight ** 2)
+    scores = np.array([[(r_queries[i] @ dense[k] / dense_norm[k] + query_weight * sum(
+                            x * words[k].get(b, 0.0) for b, x in w_queries[i].items()) / words_norm[k]) / total
                         for k in range(K)] for i in range(len(r_queries))])
     return np.argsort(-scores, axis=1, kind="stable"), scores
 
@@ -190,12 +194,13 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     assert np.array_equal(loaded.codes, (want @ loaded.centroids.T).argmax(1))
     assert np.linalg.norm(loaded.centroids[:, v.shape[1]:], axis=1).min() > 0.1  # the lists hold the words too
     # queries route the same way, from their text, their lexical part at the query scale
-    assert loaded.query_scale == lexical.QUERY_SCALE == 16.0 and index.meta["lexical_query_scale"] == 16.0
+    assert loaded.query_scale == lexical.QUERY_SCALE == 12.0 and index.meta["lexical_query_scale"] == 12.0
     as_queries = lexical.joined(kmer_index.routed(v, loaded.center, loaded.transform), space.encode(TEXTS),
                                 lexical.DEFAULT_LEXICAL * lexical.QUERY_SCALE)
     projected_order = np.argsort(-(as_queries @ loaded.centroids.T), axis=1, kind="stable")
     # ... but against each list's exact centroid: the mean of its passages' joined vectors, words unprojected
     assert index.meta["word_routing"] == "exact" and os.path.isfile(tmp_path / "i" / "list_words_vals.npy")
+    assert index.meta["word_lists_norm"] == "parts"
     r = kmer_index.routed(v, loaded.center, loaded.transform)
     words = exact_tfidf(TEXTS, space)
     order, scores = exact_list_order(loaded.codes, len(loaded.centroids), r, words, r, words, lexical.DEFAULT_LEXICAL,
@@ -231,7 +236,7 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     # the lists stay as built, and the index still says how it routes
     assert np.array_equal(grown.word_lists[0], loaded.word_lists[0])
     assert np.array_equal(grown.word_lists[1].toarray(), loaded.word_lists[1].toarray())
-    assert grown.meta["word_routing"] == "exact"
+    assert grown.meta["word_routing"] == "exact" and grown.meta["word_lists_norm"] == "parts"
     # --lexical with the model's codebook, or below 0: one clear line
     for flags in (["--lists", "model", "--lexical", "1"], ["--lexical", "-1"]):
         capsys.readouterr()
@@ -310,3 +315,24 @@ def test_eval_exact_word_routing_matches_the_index_by_hand():
     x = lex[2]
     assert np.allclose(np.sqrt(np.asarray(x.multiply(x).sum(1)).ravel()), 1, atol=1e-5)
     assert np.abs(x @ x.T - tfidf_cosines(docs)).max() < 1e-5
+
+
+def test_a_lists_words_weigh_the_same_however_many_passages_it_holds():
+    """A list's exact centroid is its mean vector direction beside `weight` x its mean word direction, each at
+    unit norm on its own: a list of passages sharing no words holds its words at the same weight as a list of
+    one, so a query's words count as much against large lists (large corpora) as against small ones."""
+    rng = np.random.default_rng(5)
+    docs = [f"alpha{i} beta{i} gamma{i}" for i in range(40)]
+    space = lexical.LexicalSpace.fit(docs)
+    vectors = (rng.normal(size=(40, 6)) + 2).astype(np.float32)  # one shared direction, as a topic's passages
+    codes = np.array([0] + [1] * 39)  # a list of one passage, a list of 39 with no word in common
+    weight = 1.25
+    dense, words = lexical.word_lists(codes, 2, vectors, space.encode_sparse(docs), weight)
+    total = np.sqrt(1 + weight ** 2)
+    assert np.allclose(np.linalg.norm(dense, axis=1), 1 / total, atol=1e-5)
+    assert np.allclose(np.sqrt(np.asarray(words.multiply(words).sum(1)).ravel()), weight / total, atol=1e-5)
+    # a query naming one passage's words scores its words against either list by its share of that list's words
+    q = space.encode_sparse([docs[0], docs[1]])
+    word_scores = np.asarray((q @ words.T).todense())
+    assert np.isclose(word_scores[0, 0], weight / total, atol=1e-5)
+    assert np.isclose(word_scores[1, 1], weight / total / np.sqrt(39), atol=1e-5)
