@@ -161,6 +161,14 @@ def routing_transform(sample: np.ndarray, center: bool = True, whiten: float = 0
     return mean, ((vecs * vals ** (-whiten / 2)) @ vecs.T).astype(np.float32)
 
 
+def default_lists(n: int, codes: int) -> int:
+    """`build --num_lists 0`: the model's number of codes, or for a larger corpus the power of two nearest 4 x
+    sqrt(n) passages (an IVF's usual size), whichever is more. A list then holds ~sqrt(n) / 4 passages at most:
+    at 51,142 passages 1,024 lists kept 0.861 / 0.961 of the relevant passages at 1% / 5% against 0.685 / 0.897 for
+    256 (README "Adopted: lists that grow with the corpus")."""
+    return max(codes, 2 ** int(round(np.log2(4 * np.sqrt(max(n, 1))))))
+
+
 class Index:
     """An index in memory: centroids, codes, ids, sources; `search` gives candidate passages."""
 
@@ -327,6 +335,9 @@ def build(args) -> Index:
     if args.whiten is not None and (args.whiten < 0 or (args.whiten and args.lists == "model")):
         raise UserError(f"--whiten {args.whiten:g}: give a power >= 0 (0.5 = half-whitening), with --lists corpus "
                         f"(it is fitted to the corpus)")
+    if args.num_lists < 0:
+        raise UserError(f"--num_lists {args.num_lists}: give a number of lists >= 1, or 0 for the default (the model's "
+                        f"codes, more for a large corpus)")
     weight = lexical_weight(getattr(args, "lexical", None), args.lists)
     try:
         lexical.check_settings(args.idf_power, args.query_scale, args.word_pairs)
@@ -388,7 +399,7 @@ def build(args) -> Index:
             V = np.memmap(spool, dtype=np.float16, mode="r", shape=(len(ids), dim))
             rng = np.random.default_rng(args.seed)
             fit = np.sort(rng.choice(len(ids), min(len(ids), args.fit_sample), replace=False))
-            K = min(args.num_lists or filt.model.config.num_codes, len(fit))
+            K = min(args.num_lists or default_lists(len(ids), filt.model.config.num_codes), len(fit))
             sample = np.asarray(V[fit], dtype=np.float32)
             # the corpus's mean vector: a one-domain corpus shares a large common direction that would
             # otherwise dominate the cosine between its passages (README "Filter quality")
@@ -521,7 +532,8 @@ def main(argv=None):
     b.add_argument("--index", required=True, help="index folder")
     b.add_argument("--lists", default="corpus", choices=("corpus", "model"),
                    help="fit the lists to the corpus (k-means), or use the model's own codebook")
-    b.add_argument("--num_lists", type=int, default=0, help="lists for --lists corpus (default: the model's codes)")
+    b.add_argument("--num_lists", type=int, default=0,
+                   help="lists for --lists corpus (default: the model's codes, or ~4 x sqrt(passages) for a larger corpus)")
     b.add_argument("--no_center", action="store_true",
                    help="--lists corpus: do not subtract the corpus's mean vector before fitting and routing")
     b.add_argument("--whiten", type=float, default=None,

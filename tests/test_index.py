@@ -255,3 +255,24 @@ def test_eval_ivf_rows_route_passages_and_queries_through_the_same_transform():
     plain = eval_filter.kmeans_lists(d, q, 16, 0)
     assert np.array_equal(plain[0], eval_filter.ivf_on_teacher(unit(d), unit(q), 16, 0)[0])
     assert not np.array_equal(plain[1], got[1])  # the transform changes the probe order
+
+
+def test_default_lists_grow_with_the_corpus(ckpt, tmp_path, capsys):
+    """--num_lists 0: the model's codes for a small corpus; the power of two nearest 4 sqrt(N) once that is more."""
+    assert kmer_index.default_lists(1_460, 256) == 256  # CISI with the demo's 256 codes: as before
+    assert kmer_index.default_lists(1_460, 1024) == 1024
+    assert kmer_index.default_lists(51_142, 256) == 1024  # 4 sqrt(N) = 905
+    assert kmer_index.default_lists(20_142, 256) == 512  # 568
+    assert kmer_index.default_lists(1_000_000, 1024) == 4096  # 4,000
+    assert kmer_index.default_lists(0, 8) == 8
+    # a build with no --num_lists: the checkpoint's codes (fewer passages here than codes: one list each at most)
+    a = _corpus(tmp_path / "a.jsonl", TEXTS)
+    built = kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "i")])
+    assert len(built.centroids) == min(kmer_index.default_lists(len(TEXTS), load_pretrained(str(ckpt)).model.config.num_codes),
+                                       len(TEXTS))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "j"),
+                         "--num_lists", "-1"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --num_lists -1: give a number of lists >= 1") and len(err.splitlines()) == 1
