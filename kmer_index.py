@@ -424,7 +424,7 @@ def build(args) -> Index:
                 joint, r, x = route(np.arange(i, min(i + step, len(ids))), np.asarray(V[i:i + step], dtype=np.float32))
                 codes.append((joint @ centroids.T).argmax(1).astype(np.int32))
                 if x is not None and args.word_routing == "exact":
-                    part = lexical.list_sums(codes[-1], K, r, x, weight)
+                    part = lexical.list_sums(codes[-1], K, r, x)
                     sums = part if sums is None else (sums[0] + part[0], sums[1] + part[1])
             if sums is not None:
                 word_lists = lexical.unit_lists(*sums, weight)

@@ -192,14 +192,14 @@ def joined(vectors: np.ndarray, lexical: np.ndarray | None, weight: float) -> np
     return np.concatenate([v, weight * lexical], 1).astype(np.float32)
 
 
-def list_sums(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: float):
-    """Per list, the sum of its passages' routed vectors in the exact space [unit vector, weight x exact unit
-    TF-IDF row]: ((K, d) dense, (K, WIDTH) csr). Sums of chunks add up; `unit_lists` makes them centroids.
+def list_sums(codes: np.ndarray, K: int, vectors: np.ndarray, words):
+    """Per list, the sum of its passages' unit routed vectors and the sum of their exact unit TF-IDF rows: ((K, d)
+    dense, (K, WIDTH) csr). Sums of chunks add up; `unit_lists` makes them centroids.
     vectors: (n, d) routed vectors (d may be 0); words: (n, WIDTH) csr from `LexicalSpace.sparse`."""
     n = len(codes)
     member = csr_matrix((np.ones(n, np.float32), (codes, np.arange(n))), shape=(K, n))
     dense = np.asarray(member @ unit_rows(vectors).astype(np.float32), dtype=np.float32).reshape(K, vectors.shape[1])
-    return dense, csr_matrix(member @ words, dtype=np.float32) * np.float32(weight)
+    return dense, csr_matrix(member @ words, dtype=np.float32)
 
 
 def unit_lists(dense: np.ndarray, sparse, weight: float):
@@ -221,7 +221,7 @@ def word_lists(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: fl
     (`unit_lists`). Lists are fitted (k-means) on the projected vectors; queries then pick them against these
     centroids, so a query's words meet the lists' words without the projection's noise (README "Adopted: queries
     meet the lists' words exactly")."""
-    return unit_lists(*list_sums(codes, K, vectors, words, weight), weight)
+    return unit_lists(*list_sums(codes, K, vectors, words), weight)
 
 
 def list_scores(vectors: np.ndarray, words, weight: float, dense: np.ndarray, sparse) -> np.ndarray:
