@@ -97,9 +97,8 @@ def web_distractors(n: int, exclude_titles=(), root: str = os.path.join(REPO, "d
         for row in map(json.loads, _open(os.path.join(root, name))):
             if row.get("title", "").replace("_", " ").lower() in skip:
                 continue
-            text = row.get("text") or row.get("input", "") + " " + row.get("output", "")
             buf = ""
-            for para in (p.strip() for p in text.split("\n")):
+            for para in (p.strip() for p in row["text"].split("\n")):
                 buf = f"{buf} {para}".strip() if para else buf
                 while len(buf) > 800:  # cut at a sentence end, else a space
                     cut = buf.rfind(". ", 300, 800)
