@@ -198,7 +198,7 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     as_queries = lexical.joined(kmer_index.routed(v, loaded.center, loaded.transform), space.encode(TEXTS),
                                 lexical.DEFAULT_LEXICAL * lexical.QUERY_SCALE)
     projected_order = np.argsort(-(as_queries @ loaded.centroids.T), axis=1, kind="stable")
-    # ... but against each list's exact centroid: the mean of its passages' joined vectors, words unprojected
+    # ... but against each list's exact centroid: its passages' mean vector beside their mean words, unprojected
     assert index.meta["word_routing"] == "exact" and os.path.isfile(tmp_path / "i" / "list_words_vals.npy")
     assert index.meta["word_lists_norm"] == "parts"
     r = kmer_index.routed(v, loaded.center, loaded.transform)
