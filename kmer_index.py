@@ -27,8 +27,10 @@ part at `--query_scale` (12) x W (README "Adopted: a lexical part in the lists",
 lexical part", "Adopted: word pairs in the lexical part"). k-means fits the lists on the words projected to
 2,048 dims; queries then pick lists against each list's exact centroid (`list_vectors.npy` (K, d) and
 `list_words_{indptr,cols,vals}.npy`, the list's words unprojected; `--word_routing projected` skips them: README
-"Adopted: queries meet the lists' words exactly"): its passages' mean vector direction beside W x their mean
-word direction, each part normalised on its own (README "Adopted: list centroids normalised part by part").
+"Adopted: queries meet the lists' words exactly"): its passages' mean vector direction beside W x the direction
+of their summed words, each term's sum at `--list_word_power` (0.5: its square root), each part normalised on its
+own (README "Adopted: list centroids normalised part by part", "Adopted: a list's words at the square root of
+their sums").
 """
 from __future__ import annotations
 
@@ -340,7 +342,7 @@ def build(args) -> Index:
                         f"codes, more for a large corpus)")
     weight = lexical_weight(getattr(args, "lexical", None), args.lists)
     try:
-        lexical.check_settings(args.idf_power, args.query_scale, args.word_pairs)
+        lexical.check_settings(args.idf_power, args.query_scale, args.word_pairs, args.list_word_power)
     except ValueError as e:
         raise UserError(str(e)) from None
     sha = _sha(args.checkpoint)
@@ -427,7 +429,7 @@ def build(args) -> Index:
                     part = lexical.list_sums(codes[-1], K, r, x)
                     sums = part if sums is None else (sums[0] + part[0], sums[1] + part[1])
             if sums is not None:
-                word_lists = lexical.unit_lists(*sums, weight)
+                word_lists = lexical.unit_lists(*sums, weight, args.list_word_power)
             del V, pairs
     finally:
         for path in (spool, lex_spool):
@@ -457,8 +459,10 @@ def build(args) -> Index:
     if word_lists is not None:  # an appended corpus keeps the index's word lists, and says so
         meta["word_routing"] = "exact"
         # how the lists' exact centroids were normalised (before: "joint", both parts together, and no field;
-        # stored centroids route as built either way)
+        # stored centroids route as built either way), and the power on their words' sums (before it: 1, no field)
         meta["word_lists_norm"] = old.meta.get("word_lists_norm", "joint") if old is not None else "parts"
+        meta["list_word_power"] = (old.meta.get("list_word_power", 1.0) if old is not None
+                                   else float(args.list_word_power))
     index = Index(meta, centroids, codes, ids, sources, center, transform, lexical_df, word_lists)
     index.save(args.index)
     return index
@@ -553,6 +557,10 @@ def main(argv=None):
     b.add_argument("--query_scale", type=float, default=lexical.QUERY_SCALE,
                    help=f"a query's lexical part picks lists at this x --lexical (default {lexical.QUERY_SCALE:g}; 1 = "
                         "as passages are routed; README 'Adopted: idf squared in the lexical part')")
+    b.add_argument("--list_word_power", type=float, default=lexical.LIST_WORD_POWER,
+                   help=f"with exact word routing: each list's word weights are its passages' summed weights ** this "
+                        f"(default {lexical.LIST_WORD_POWER:g}: square roots; 1 = the mean TF-IDF row; README 'Adopted: "
+                        "a list's words at the square root of their sums')")
     b.add_argument("--word_routing", default="exact", choices=("exact", "projected"),
                    help="with a lexical part: queries pick lists against each list's exact centroid, its words "
                         "unprojected (exact, the default), or against the k-means centroids on the words projected to "

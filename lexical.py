@@ -35,6 +35,8 @@ DEFAULT_LEXICAL = 1.25  # weight of the lexical part in an index's routed vector
 IDF_POWER = 2.0  # idf ** IDF_POWER: the rarest words carry the vector (README "Adopted: idf squared"; 1 = plain idf)
 QUERY_SCALE = 12.0  # a query's lexical part weighs this x a passage's when it picks lists (README "Adopted: list
 # centroids normalised part by part"; 16 before them, 4 with words alone, 1.5 before exact word routing)
+LIST_WORD_POWER = 0.5  # a list's word part: each term's summed weight over its passages ** this, then unit norm
+# (README "Adopted: a list's words at the square root of their sums"; 1 = the mean TF-IDF row, as before it)
 PAIR_WEIGHT = 0.7  # a word pair's weight, x its idf ** IDF_POWER (README "Adopted: word pairs in the lexical
 # part"; 0 = words alone, as every index built before them)
 _WORD = re.compile(r"\w+")
@@ -165,9 +167,10 @@ class LexicalSpace:
         return space
 
 
-def check_settings(idf_power: float, query_scale: float, pair_weight: float = PAIR_WEIGHT):
-    """One line naming the flag (`--idf_power`, `--query_scale`, `--word_pairs`: kmer_index.py build and
-    eval_filter.py) when a setting cannot be used."""
+def check_settings(idf_power: float, query_scale: float, pair_weight: float = PAIR_WEIGHT,
+                   list_word_power: float = LIST_WORD_POWER):
+    """One line naming the flag (`--idf_power`, `--query_scale`, `--word_pairs`, `--list_word_power`:
+    kmer_index.py build and eval_filter.py) when a setting cannot be used."""
     if idf_power < 0:
         raise ValueError(f"--idf_power {idf_power:g}: give a power >= 0 (1 = plain idf, {IDF_POWER:g} = the default)")
     if pair_weight < 0:
@@ -176,6 +179,9 @@ def check_settings(idf_power: float, query_scale: float, pair_weight: float = PA
     if query_scale <= 0:
         raise ValueError(f"--query_scale {query_scale:g}: give a scale > 0 (1 = queries weigh their words as passages "
                          f"do, {QUERY_SCALE:g} = the default)")
+    if not 0 < list_word_power <= 1:
+        raise ValueError(f"--list_word_power {list_word_power:g}: give a power in (0, 1] (1 = each list's mean TF-IDF "
+                         f"row, {LIST_WORD_POWER:g} = the default)")
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -202,12 +208,17 @@ def list_sums(codes: np.ndarray, K: int, vectors: np.ndarray, words):
     return dense, csr_matrix(member @ words, dtype=np.float32)
 
 
-def unit_lists(dense: np.ndarray, sparse, weight: float):
+def unit_lists(dense: np.ndarray, sparse, weight: float, power: float = LIST_WORD_POWER):
     """`list_sums` -> each list's centroid, its two parts normalised apart, as a passage's are: [unit mean vector,
-    weight x unit mean TF-IDF row] / sqrt(1 + weight^2) (a list with no words: its unit mean vector alone, scaled
-    the same). Normalised together, the words of a list of many passages (which share few rare words) shrank
-    against its vector as the list grew, so a query's words counted for less in larger lists and corpora (README
-    "Adopted: list centroids normalised part by part")."""
+    weight x unit (summed TF-IDF rows) ** power] / sqrt(1 + weight^2) (a list with no words: its unit mean vector
+    alone, scaled the same). Normalised together, the words of a list of many passages (which share few rare words)
+    shrank against its vector as the list grew, so a query's words counted for less in larger lists and corpora
+    (README "Adopted: list centroids normalised part by part"). The power (0.5: square roots) damps the words many
+    of a list's passages share against the rare ones a single passage holds, which are what a query's words find
+    (README "Adopted: a list's words at the square root of their sums"; 1 = the mean row)."""
+    if power != 1:
+        sparse = csr_matrix(sparse, dtype=np.float32, copy=True)
+        sparse.data = np.power(np.maximum(sparse.data, 0), np.float32(power)).astype(np.float32)
     dn = np.sqrt((dense * dense).sum(1)).clip(min=1e-12)
     sn = np.sqrt(np.asarray(sparse.multiply(sparse).sum(1)).ravel()).clip(min=1e-12)
     total = np.float32(np.sqrt(1.0 + weight * weight))
@@ -215,13 +226,14 @@ def unit_lists(dense: np.ndarray, sparse, weight: float):
         csr_matrix(sparse.multiply((np.float32(weight) / (sn * total)).astype(np.float32)[:, None]), dtype=np.float32)
 
 
-def word_lists(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: float):
+def word_lists(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: float,
+               power: float = LIST_WORD_POWER):
     """Each list's centroid in the exact space, (K, d) dense part and (K, WIDTH) sparse word part: the mean
-    direction of its passages' unit vectors beside weight x the mean direction of their exact unit TF-IDF rows
-    (`unit_lists`). Lists are fitted (k-means) on the projected vectors; queries then pick them against these
+    direction of its passages' unit vectors beside weight x the direction of their exact unit TF-IDF rows' sums,
+    each term's sum ** power (`unit_lists`). Lists are fitted (k-means) on the projected vectors; queries then pick them against these
     centroids, so a query's words meet the lists' words without the projection's noise (README "Adopted: queries
     meet the lists' words exactly")."""
-    return unit_lists(*list_sums(codes, K, vectors, words), weight)
+    return unit_lists(*list_sums(codes, K, vectors, words), weight, power)
 
 
 def list_scores(vectors: np.ndarray, words, weight: float, dense: np.ndarray, sparse) -> np.ndarray:

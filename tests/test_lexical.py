@@ -50,10 +50,10 @@ def exact_tfidf(texts, space):
     return out
 
 
-def exact_list_order(codes, K, r_docs, w_docs, r_queries, w_queries, weight, query_weight):
+def exact_list_order(codes, K, r_docs, w_docs, r_queries, w_queries, weight, query_weight, power=0.5):
     """Lists nearest-first for each query against each list's exact centroid, by hand: the mean direction of its
-    passages' unit vectors beside weight x the mean direction of their unit TF-IDF rows, scored with [unit vector,
-    query_weight x unit TF-IDF].
+    passages' unit vectors beside weight x the direction of their unit TF-IDF rows' sums, each term's sum ** power
+    (the default's square root), scored with [unit vector, query_weight x unit TF-IDF].
     -> (order, scores)."""
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
     r_docs, r_queries = unit(r_docs), unit(r_queries)
@@ -61,7 +61,8 @@ def exact_list_order(codes, K, r_docs, w_docs, r_queries, w_queries, weight, que
     for i, k in enumerate(codes):
         dense[k] += r_docs[i]
         for b, x in w_docs[i].items():
-            words[k][b] = words[k].get(b, 0.0) + weight * x
+            words[k][b] = words[k].get(b, 0.0) + x
+    words = [{b: weight * x ** power for b, x in w.items()} for w in words]
     # each part at unit norm on its own (the words at `weight`), as a passage's are; then both by sqrt(1 + weight^2)
     dense_norm = np.sqrt((dense ** 2).sum(1))
     words_norm = np.array([np.sqrt(sum(x * x for x in w.values())) or 1.0 for w in words]) / weight
@@ -200,7 +201,7 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     projected_order = np.argsort(-(as_queries @ loaded.centroids.T), axis=1, kind="stable")
     # ... but against each list's exact centroid: its passages' mean vector beside their mean words, unprojected
     assert index.meta["word_routing"] == "exact" and os.path.isfile(tmp_path / "i" / "list_words_vals.npy")
-    assert index.meta["word_lists_norm"] == "parts"
+    assert index.meta["word_lists_norm"] == "parts" and index.meta["list_word_power"] == lexical.LIST_WORD_POWER == 0.5
     r = kmer_index.routed(v, loaded.center, loaded.transform)
     words = exact_tfidf(TEXTS, space)
     order, scores = exact_list_order(loaded.codes, len(loaded.centroids), r, words, r, words, lexical.DEFAULT_LEXICAL,
@@ -237,6 +238,7 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     assert np.array_equal(grown.word_lists[0], loaded.word_lists[0])
     assert np.array_equal(grown.word_lists[1].toarray(), loaded.word_lists[1].toarray())
     assert grown.meta["word_routing"] == "exact" and grown.meta["word_lists_norm"] == "parts"
+    assert grown.meta["list_word_power"] == 0.5
     # --lexical with the model's codebook, or below 0: one clear line
     for flags in (["--lists", "model", "--lexical", "1"], ["--lexical", "-1"]):
         capsys.readouterr()
@@ -256,7 +258,8 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     old = kmer_index.Index.load(str(tmp_path / "i"))
     assert old.lexical.idf_power == 1.0 and old.query_scale == 1.0 and old.lexical.pair_weight == 0.0
     assert (old.lexical.encode_sparse(TEXTS).indices < lexical.BUCKETS).all()
-    for flag, bad in (("--idf_power", "-1"), ("--query_scale", "0"), ("--word_pairs", "-1")):
+    for flag, bad in (("--idf_power", "-1"), ("--query_scale", "0"), ("--word_pairs", "-1"),
+                      ("--list_word_power", "0"), ("--list_word_power", "1.5")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "p"),
@@ -311,6 +314,14 @@ def test_eval_exact_word_routing_matches_the_index_by_hand():
                             exact_tfidf(queries, space), 1.5, 2.25)[0]
     assert np.array_equal(exact[1], want)  # ... picked against their exact centroids
     assert not np.array_equal(exact[1], projected[1])
+    # --list_word_power 1: each list's words as their mean row (before the square roots); the same lists
+    mean_rows = eval_filter.kmeans_lists(d, q, 8, 0, center=True, whiten=0.5, lex=lex, weight=1.5, query_weight=2.25,
+                                         list_word_power=1.0)
+    assert np.array_equal(mean_rows[0], exact[0])
+    assert np.array_equal(mean_rows[1], exact_list_order(exact[0], 8, (d - mean) @ w, exact_tfidf(docs, space),
+                                                         (q - mean) @ w, exact_tfidf(queries, space), 1.5, 2.25,
+                                                         power=1.0)[0])
+    assert not np.array_equal(mean_rows[1], exact[1])
     # the exact rows are unit TF-IDF and project to what `vectors` gives
     x = lex[2]
     assert np.allclose(np.sqrt(np.asarray(x.multiply(x).sum(1)).ravel()), 1, atol=1e-5)
@@ -332,7 +343,10 @@ def test_a_lists_words_weigh_the_same_however_many_passages_it_holds():
     assert np.allclose(np.linalg.norm(dense, axis=1), 1 / total, atol=1e-5)
     assert np.allclose(np.sqrt(np.asarray(words.multiply(words).sum(1)).ravel()), weight / total, atol=1e-5)
     # a query naming one passage's words scores its words against either list by its share of that list's words
+    # (each term's sum at its square root: a passage's row x the row's square root, over the list's norm)
     q = space.encode_sparse([docs[0], docs[1]])
     word_scores = np.asarray((q @ words.T).todense())
-    assert np.isclose(word_scores[0, 0], weight / total, atol=1e-5)
-    assert np.isclose(word_scores[1, 1], weight / total / np.sqrt(39), atol=1e-5)
+    row = q[0].data
+    share = (row ** 1.5).sum() / np.sqrt(row.sum())
+    assert np.isclose(word_scores[0, 0], weight / total * share, atol=1e-5)
+    assert np.isclose(word_scores[1, 1], weight / total * share / np.sqrt(39), atol=1e-5)
