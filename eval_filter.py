@@ -362,7 +362,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--list_seeds", type=int, default=1,
                     help="fit every corpus IVF row (teacher, Model2Vec, the model's vectors) with this many k-means "
                          "seeds (--seed, --seed+1, ...) and report the mean, each query's recall averaged, so "
-                         "compare_evals.py pairs averages (README 'Filter evaluation': one draw moves recall at 1% "
+                         "compare_evals.py pairs averages (README 'Filter evaluation': one draw moves recall at 1%% "
                          "by ~0.02); the report's name gets _seeds<N>")
     ap.add_argument("--lexical", type=float, default=lexical.DEFAULT_LEXICAL,
                     help="weight of the hashed-word TF-IDF part in the _ivf_lexical rows (the model's, the peer's; "

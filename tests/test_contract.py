@@ -51,6 +51,20 @@ def test_help_is_clean_and_mentions_preset_defaults():
     assert steps != p1.Phase1Config().max_steps and f"(default: {steps})" in out  # the preset's, not the dataclass's
 
 
+SCRIPTS = ("eval_filter.py", "kmer_index.py", "kmer_index.py build", "kmer_index.py query", "benchmark.py",
+           "compare_evals.py", "ablation.py", "run_demo.py", "vqvae_phase1_train.py", "vqvae_phase1b_train_lora.py",
+           "vqvae_phase2_train_adapters.py")
+
+
+def test_every_command_prints_its_help():
+    # argparse formats each help string with %: a bare "1%" in one crashed `eval_filter.py --help`
+    runs = {s: subprocess.Popen([sys.executable, *s.split(), "--help"], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for s in SCRIPTS}
+    for script, proc in runs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and out.startswith("usage:"), f"{script} --help: {(err.strip().splitlines() or [''])[-1]}"
+
+
 def test_eval_beir_without_folder_is_refused():
     r = subprocess.run([sys.executable, "eval_filter.py", "--checkpoint", "x.pt", "--dataset", "beir"], cwd=REPO,
                        capture_output=True, text=True, timeout=120,
