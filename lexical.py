@@ -230,9 +230,9 @@ def word_lists(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: fl
                power: float = LIST_WORD_POWER):
     """Each list's centroid in the exact space, (K, d) dense part and (K, WIDTH) sparse word part: the mean
     direction of its passages' unit vectors beside weight x the direction of their exact unit TF-IDF rows' sums,
-    each term's sum ** power (`unit_lists`). Lists are fitted (k-means) on the projected vectors; queries then pick them against these
-    centroids, so a query's words meet the lists' words without the projection's noise (README "Adopted: queries
-    meet the lists' words exactly")."""
+    each term's sum ** power (`unit_lists`). Lists are fitted (k-means) on the projected vectors; queries then pick
+    them against these centroids, so a query's words meet the lists' words without the projection's noise
+    (README "Adopted: queries meet the lists' words exactly")."""
     return unit_lists(*list_sums(codes, K, vectors, words), weight, power)
 
 

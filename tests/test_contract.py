@@ -62,7 +62,8 @@ def test_every_command_prints_its_help():
                                 stderr=subprocess.PIPE, text=True) for s in SCRIPTS}
     for script, proc in runs.items():
         out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0 and out.startswith("usage:"), f"{script} --help: {(err.strip().splitlines() or [''])[-1]}"
+        last = (err.strip().splitlines() or [""])[-1]
+        assert proc.returncode == 0 and out.startswith("usage:"), f"{script} --help: {last}"
 
 
 def test_eval_beir_without_folder_is_refused():
