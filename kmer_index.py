@@ -167,7 +167,7 @@ def default_lists(n: int, codes: int) -> int:
     """`build --num_lists 0`: the model's number of codes, or for a larger corpus the power of two nearest 4 x
     sqrt(n) passages (an IVF's usual size), whichever is more. A list then holds ~sqrt(n) / 4 passages at most:
     at 51,142 passages 1,024 lists kept 0.861 / 0.961 of the relevant passages at 1% / 5% against 0.685 / 0.897 for
-    256 (README "Adopted: lists that grow with the corpus")."""
+    256, lists' words then at their mean row (README "Adopted: lists that grow with the corpus")."""
     return max(codes, 2 ** int(round(np.log2(4 * np.sqrt(max(n, 1))))))
 
 

@@ -218,7 +218,7 @@ def unit_lists(dense: np.ndarray, sparse, weight: float, power: float = LIST_WOR
     (README "Adopted: a list's words at the square root of their sums"; 1 = the mean row)."""
     if power != 1:
         sparse = csr_matrix(sparse, dtype=np.float32, copy=True)
-        sparse.data = np.power(np.maximum(sparse.data, 0), np.float32(power)).astype(np.float32)
+        sparse.data = np.power(np.maximum(sparse.data, 0), np.float32(power))  # float32 in, float32 out
     dn = np.sqrt((dense * dense).sum(1)).clip(min=1e-12)
     sn = np.sqrt(np.asarray(sparse.multiply(sparse).sum(1)).ravel()).clip(min=1e-12)
     total = np.float32(np.sqrt(1.0 + weight * weight))
