@@ -242,15 +242,16 @@ ROUTINGS = (("_ivf", False, 0.0, False), ("_ivf_centred", True, 0.0, False),
 
 def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int, center: bool = False,
                  whiten: float = 0.0, lex: tuple | None = None, weight: float = 0.0, query_weight: float | None = None,
-                 list_word_power: float = lexical.LIST_WORD_POWER):
+                 list_words: str = lexical.LIST_WORDS, list_word_power: float = lexical.LIST_WORD_POWER,
+                 list_count_power: float = lexical.LIST_COUNT_POWER):
     """Spherical k-means IVF (FAISS) on any vectors: (doc list, query probe order, lists). center: first
     subtract the corpus's mean vector from passages and queries; whiten: then `kmer_index.py build --whiten`'s
     corpus-fitted scaling of the principal axes; lex = (passages', queries' lexical vectors): then beside them
     at `weight`, the queries' at `query_weight` (default: `weight`; `kmer_index.py build --lexical`, `--query_scale`;
     all three is what a build does by default). lex = (projected passages, projected queries, exact passages,
     exact queries) (`LexicalSpace.vectors`, `.sparse`): the lists are fitted on the projected part, then queries
-    pick them against each list's exact centroid (its words' sums ** `list_word_power`), as a build's
-    `--word_routing exact` does."""
+    pick them against each list's exact centroid (its words pooled by `list_words`: each term's highest weight x
+    its count ** `list_count_power`, or its sum ** `list_word_power`), as a build's `--word_routing exact` does."""
     mean, transform = routing_transform(d_emb, center, whiten)
     d_emb, q_emb = routed(d_emb, mean, transform), routed(q_emb, mean, transform)
     r_docs, r_queries = d_emb, q_emb
@@ -259,7 +260,7 @@ def kmeans_lists(d_emb: np.ndarray, q_emb: np.ndarray, K: int, seed: int, center
         d_emb, q_emb = lexical.joined(d_emb, lex[0], weight), lexical.joined(q_emb, lex[1], q_weight)
     code, order, k = ivf_on_teacher(lexical.unit_rows(d_emb), lexical.unit_rows(q_emb), K, seed)
     if lex is not None and len(lex) == 4:
-        lists = lexical.word_lists(code, k, r_docs, lex[2], weight, list_word_power)
+        lists = lexical.word_lists(code, k, r_docs, lex[2], weight, list_words, list_word_power, list_count_power)
         order = np.argsort(-lexical.list_scores(r_queries, lex[3], q_weight, *lists), axis=1, kind="stable")
     return code, order, k
 
@@ -376,9 +377,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--word_pairs", type=float, default=lexical.PAIR_WEIGHT,
                     help=f"the lexical part's pairs of adjacent words at this x their idf ** --idf_power, as "
                          f"kmer_index.py build (default {lexical.PAIR_WEIGHT:g}; 0 = words alone)")
+    ap.add_argument("--list_words", default=lexical.LIST_WORDS, choices=lexical.LIST_POOLS,
+                    help="the lexical rows: each term of a list's word part at its highest weight among the list's "
+                         "passages x their count ** --list_count_power (max, the default), or at its summed weight ** "
+                         "--list_word_power (sum), as kmer_index.py build")
+    ap.add_argument("--list_count_power", type=float, default=lexical.LIST_COUNT_POWER,
+                    help=f"--list_words max: the power on the count (default {lexical.LIST_COUNT_POWER:g}; 0 = the "
+                         "highest weight alone)")
     ap.add_argument("--list_word_power", type=float, default=lexical.LIST_WORD_POWER,
-                    help=f"the lexical rows: each list's word weights are its passages' summed weights ** this, as "
-                         f"kmer_index.py build (default {lexical.LIST_WORD_POWER:g}; 1 = the mean TF-IDF row)")
+                    help=f"--list_words sum: the power on the sums (default {lexical.LIST_WORD_POWER:g}; 1 = the mean "
+                         "TF-IDF row)")
     ap.add_argument("--word_routing", default="exact", choices=("exact", "projected"),
                     help="the lexical rows: queries pick lists against each list's exact centroid (exact, as "
                          "kmer_index.py build does by default) or against the k-means centroids on the projected words")
@@ -440,7 +448,8 @@ def run(args) -> dict:
     if args.lexical < 0:
         raise UserError(f"--lexical {args.lexical:g}: give a weight >= 0 (0 = no lexical rows)")
     try:
-        lexical.check_settings(args.idf_power, args.query_scale, args.word_pairs, args.list_word_power)
+        lexical.check_settings(args.idf_power, args.query_scale, args.word_pairs, args.list_word_power,
+                               args.list_count_power)
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.list_seeds < 1:
@@ -469,7 +478,9 @@ def run(args) -> dict:
     # the lexical part of the lists (word statistics fitted to this corpus, as kmer_index.py build does)
     routings = [r for r in ROUTINGS if not r[3] or args.lexical]
     q_weight = args.lexical * args.query_scale  # a query's lexical part picks lists at this, as in kmer_index.py
-    wp = args.list_word_power  # and each list's word weights are its passages' sums ** this
+    # and each list's words pooled as a build pools them
+    pooled = dict(list_words=args.list_words, list_word_power=args.list_word_power,
+                  list_count_power=args.list_count_power)
     lex = None
     if args.lexical:
         words = lexical.LexicalSpace.fit(docs, idf_power=args.idf_power, pair_weight=args.word_pairs)
@@ -478,7 +489,7 @@ def run(args) -> dict:
             lex += (words.encode_sparse(docs), words.encode_sparse(queries))
         none = np.zeros((len(docs), 0), np.float32), np.zeros((len(queries), 0), np.float32)
         results["lexical_ivf"] = seeded_lists_row(lambda s: kmeans_lists(*none, L, s, lex=lex, weight=1.0,
-                                                                       list_word_power=wp), seeds,
+                                                                       **pooled), seeds,
                                                   rel_docs)[0]
     results["ivf_teacher"] = seeded_lists_row(lambda s: ivf_on_teacher(d_emb, q_emb, L, s), seeds, rel_docs)[0]
     speed = {"kmer_vqvae": student_pps, "teacher": teacher_pps, "ratio": student_pps / teacher_pps,
@@ -496,7 +507,7 @@ def run(args) -> dict:
         for key, center, whiten, lexed in routings:
             results["model2vec" + key] = seeded_lists_row(
                 lambda s: kmeans_lists(m_docs, m_queries, L, s, center, whiten, lex if lexed else None, args.lexical,
-                                       q_weight, wp),
+                                       q_weight, **pooled),
                 seeds, rel_docs)[0]
     # the model's vectors with lists fitted to this corpus, exactly as the peers' IVF is built (what
     # `kmer_index.py --lists corpus` does); then where recall is lost: exact search on the model's own
@@ -506,7 +517,7 @@ def run(args) -> dict:
     for key, center, whiten, lexed in routings:
         results["kmer_vqvae" + key], own_lists[key] = seeded_lists_row(
             lambda s: kmeans_lists(p_raw, q_raw, L, s, center, whiten, lex if lexed else None, args.lexical,
-                                   q_weight, wp),
+                                   q_weight, **pooled),
             seeds, rel_docs)
     # the first draw's lists as kmer_index builds them by default (with the lexical part unless --lexical 0)
     report_two_stage = two_stage(*own_lists["_ivf_lexical" if args.lexical else "_ivf_whitened"][:2], q_emb, d_emb,
@@ -533,7 +544,8 @@ def run(args) -> dict:
               "lexical": args.lexical, "lexical_dims": lexical.DIMS, "lexical_idf_power": args.idf_power,
               "lexical_pair_weight": args.word_pairs,
               "lexical_query_scale": args.query_scale, "word_routing": args.word_routing,
-              "lexical_list_word_power": args.list_word_power,
+              "lexical_list_words": args.list_words, "lexical_list_word_power": args.list_word_power,
+              "lexical_list_count_power": args.list_count_power,
               "passages": len(docs),
               "query_set": hashlib.sha1("\n".join(map(str, qids)).encode()).hexdigest(),
               "queries": len(queries), "methods": results,

@@ -28,9 +28,10 @@ lexical part", "Adopted: word pairs in the lexical part"). k-means fits the list
 2,048 dims; queries then pick lists against each list's exact centroid (`list_vectors.npy` (K, d) and
 `list_words_{indptr,cols,vals}.npy`, the list's words unprojected; `--word_routing projected` skips them: README
 "Adopted: queries meet the lists' words exactly"): its passages' mean vector direction beside W x the direction
-of their summed words, each term's sum at `--list_word_power` (0.5: its square root), each part normalised on its
-own (README "Adopted: list centroids normalised part by part", "Adopted: a list's words at the square root of
-their sums").
+of their words, each term at its highest weight among the list's passages x (the passages holding it) **
+`--list_count_power` (0.25; `--list_words sum`: each term's summed weight ** `--list_word_power`, 0.5), each part
+normalised on its own (README "Adopted: list centroids normalised part by part", "Adopted: a list's words at their
+highest weight").
 """
 from __future__ import annotations
 
@@ -342,7 +343,8 @@ def build(args) -> Index:
                         f"codes, more for a large corpus)")
     weight = lexical_weight(getattr(args, "lexical", None), args.lists)
     try:
-        lexical.check_settings(args.idf_power, args.query_scale, args.word_pairs, args.list_word_power)
+        lexical.check_settings(args.idf_power, args.query_scale, args.word_pairs, args.list_word_power,
+                               args.list_count_power)
     except ValueError as e:
         raise UserError(str(e)) from None
     sha = _sha(args.checkpoint)
@@ -426,10 +428,10 @@ def build(args) -> Index:
                 joint, r, x = route(np.arange(i, min(i + step, len(ids))), np.asarray(V[i:i + step], dtype=np.float32))
                 codes.append((joint @ centroids.T).argmax(1).astype(np.int32))
                 if x is not None and args.word_routing == "exact":
-                    part = lexical.list_sums(codes[-1], K, r, x)
-                    sums = part if sums is None else (sums[0] + part[0], sums[1] + part[1])
+                    part = lexical.list_sums(codes[-1], K, r, x, args.list_words)
+                    sums = part if sums is None else lexical.add_list_sums(sums, part)
             if sums is not None:
-                word_lists = lexical.unit_lists(*sums, weight, args.list_word_power)
+                word_lists = lexical.unit_lists(*sums, weight, args.list_word_power, args.list_count_power)
             del V, pairs
     finally:
         for path in (spool, lex_spool):
@@ -459,10 +461,16 @@ def build(args) -> Index:
     if word_lists is not None:  # an appended corpus keeps the index's word lists, and says so
         meta["word_routing"] = "exact"
         # how the lists' exact centroids were normalised (before: "joint", both parts together, and no field;
-        # stored centroids route as built either way), and the power on their words' sums (before it: 1, no field)
+        # stored centroids route as built either way) and how their words were pooled: "max" with the power on
+        # the count, "sum" with the power on the sums (before pools: "sum", and before the power: 1, no fields)
         meta["word_lists_norm"] = old.meta.get("word_lists_norm", "joint") if old is not None else "parts"
-        meta["list_word_power"] = (old.meta.get("list_word_power", 1.0) if old is not None
-                                   else float(args.list_word_power))
+        meta["list_words"] = old.meta.get("list_words", "sum") if old is not None else args.list_words
+        if meta["list_words"] == "sum":
+            meta["list_word_power"] = (old.meta.get("list_word_power", 1.0) if old is not None
+                                       else float(args.list_word_power))
+        else:
+            meta["list_count_power"] = (old.meta["list_count_power"] if old is not None
+                                        else float(args.list_count_power))
     index = Index(meta, centroids, codes, ids, sources, center, transform, lexical_df, word_lists)
     index.save(args.index)
     return index
@@ -557,10 +565,17 @@ def main(argv=None):
     b.add_argument("--query_scale", type=float, default=lexical.QUERY_SCALE,
                    help=f"a query's lexical part picks lists at this x --lexical (default {lexical.QUERY_SCALE:g}; 1 = "
                         "as passages are routed; README 'Adopted: idf squared in the lexical part')")
+    b.add_argument("--list_words", default=lexical.LIST_WORDS, choices=lexical.LIST_POOLS,
+                   help="with exact word routing, each term of a list's word part weighs: max, its highest weight among "
+                        "the list's passages x (the passages holding it) ** --list_count_power (the default; README "
+                        "'Adopted: a list's words at their highest weight'); sum, its summed weight ** "
+                        "--list_word_power (README 'Adopted: a list's words at the square root of their sums')")
+    b.add_argument("--list_count_power", type=float, default=lexical.LIST_COUNT_POWER,
+                   help=f"--list_words max: the power on the count (default {lexical.LIST_COUNT_POWER:g}; 0 = the "
+                        "highest weight alone)")
     b.add_argument("--list_word_power", type=float, default=lexical.LIST_WORD_POWER,
-                   help=f"with exact word routing: each list's word weights are its passages' summed weights ** this "
-                        f"(default {lexical.LIST_WORD_POWER:g}: square roots; 1 = the mean TF-IDF row; README 'Adopted: "
-                        "a list's words at the square root of their sums')")
+                   help=f"--list_words sum: the power on the sums (default {lexical.LIST_WORD_POWER:g}: square roots; "
+                        "1 = the mean TF-IDF row)")
     b.add_argument("--word_routing", default="exact", choices=("exact", "projected"),
                    help="with a lexical part: queries pick lists against each list's exact centroid, its words "
                         "unprojected (exact, the default), or against the k-means centroids on the words projected to "

@@ -35,8 +35,12 @@ DEFAULT_LEXICAL = 1.25  # weight of the lexical part in an index's routed vector
 IDF_POWER = 2.0  # idf ** IDF_POWER: the rarest words carry the vector (README "Adopted: idf squared"; 1 = plain idf)
 QUERY_SCALE = 12.0  # a query's lexical part weighs this x a passage's when it picks lists (README "Adopted: list
 # centroids normalised part by part"; 16 before them, 4 with words alone, 1.5 before exact word routing)
-LIST_WORD_POWER = 0.5  # a list's word part: each term's summed weight over its passages ** this, then unit norm
-# (README "Adopted: a list's words at the square root of their sums"; 1 = the mean TF-IDF row, as before it)
+LIST_WORDS = "max"  # a list's word part, each term at: "max", its highest weight among the list's passages x (the
+# passages holding it) ** LIST_COUNT_POWER (README "Adopted: a list's words at their highest weight"); "sum", its
+# summed weight ** LIST_WORD_POWER (README "Adopted: a list's words at the square root of their sums"); unit norm
+LIST_POOLS = ("max", "sum")
+LIST_COUNT_POWER = 0.25  # "max": 0 = the highest weight alone
+LIST_WORD_POWER = 0.5  # "sum": 1 = the mean TF-IDF row, as before the square roots
 PAIR_WEIGHT = 0.7  # a word pair's weight, x its idf ** IDF_POWER (README "Adopted: word pairs in the lexical
 # part"; 0 = words alone, as every index built before them)
 _WORD = re.compile(r"\w+")
@@ -168,9 +172,9 @@ class LexicalSpace:
 
 
 def check_settings(idf_power: float, query_scale: float, pair_weight: float = PAIR_WEIGHT,
-                   list_word_power: float = LIST_WORD_POWER):
-    """One line naming the flag (`--idf_power`, `--query_scale`, `--word_pairs`, `--list_word_power`:
-    kmer_index.py build and eval_filter.py) when a setting cannot be used."""
+                   list_word_power: float = LIST_WORD_POWER, list_count_power: float = LIST_COUNT_POWER):
+    """One line naming the flag (`--idf_power`, `--query_scale`, `--word_pairs`, `--list_word_power`,
+    `--list_count_power`: kmer_index.py build and eval_filter.py) when a setting cannot be used."""
     if idf_power < 0:
         raise ValueError(f"--idf_power {idf_power:g}: give a power >= 0 (1 = plain idf, {IDF_POWER:g} = the default)")
     if pair_weight < 0:
@@ -182,6 +186,9 @@ def check_settings(idf_power: float, query_scale: float, pair_weight: float = PA
     if not 0 < list_word_power <= 1:
         raise ValueError(f"--list_word_power {list_word_power:g}: give a power in (0, 1] (1 = each list's mean TF-IDF "
                          f"row, {LIST_WORD_POWER:g} = the default)")
+    if not 0 <= list_count_power <= 1:
+        raise ValueError(f"--list_count_power {list_count_power:g}: give a power in [0, 1] (0 = each term's highest "
+                         f"weight alone, {LIST_COUNT_POWER:g} = the default)")
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -198,27 +205,57 @@ def joined(vectors: np.ndarray, lexical: np.ndarray | None, weight: float) -> np
     return np.concatenate([v, weight * lexical], 1).astype(np.float32)
 
 
-def list_sums(codes: np.ndarray, K: int, vectors: np.ndarray, words):
-    """Per list, the sum of its passages' unit routed vectors and the sum of their exact unit TF-IDF rows: ((K, d)
-    dense, (K, WIDTH) csr). Sums of chunks add up; `unit_lists` makes them centroids.
+def list_sums(codes: np.ndarray, K: int, vectors: np.ndarray, words, pool: str = LIST_WORDS):
+    """Per list, the sum of its passages' unit routed vectors, and what its word part is made from, their exact
+    unit TF-IDF rows pooled: (K, d) dense, then (K, WIDTH) csr matrices: pool "max", (each term's highest weight
+    among the list's passages, how many of them hold it); "sum", (each term's summed weight,). Chunks of a corpus
+    combine with `add_list_sums`; `unit_lists` makes them centroids.
     vectors: (n, d) routed vectors (d may be 0); words: (n, WIDTH) csr from `LexicalSpace.sparse`."""
     n = len(codes)
     member = csr_matrix((np.ones(n, np.float32), (codes, np.arange(n))), shape=(K, n))
     dense = np.asarray(member @ unit_rows(vectors).astype(np.float32), dtype=np.float32).reshape(K, vectors.shape[1])
-    return dense, csr_matrix(member @ words, dtype=np.float32)
+    if pool == "sum":
+        return dense, (csr_matrix(member @ words, dtype=np.float32),)
+    if pool != "max":
+        raise ValueError(f"list words pooled by {pool!r}: give one of {', '.join(LIST_POOLS)}")
+    w = csr_matrix(words, dtype=np.float32).tocoo()
+    key = codes[w.row].astype(np.int64) * w.shape[1] + w.col  # (list, term)
+    order = np.lexsort((-w.data, key))  # by (list, term), the highest weight first
+    key, first, count = np.unique(key[order], return_index=True, return_counts=True)
+    at = (key // w.shape[1], key % w.shape[1])
+    return dense, (csr_matrix((w.data[order][first], at), shape=(K, w.shape[1]), dtype=np.float32),
+                   csr_matrix((count.astype(np.float32), at), shape=(K, w.shape[1]), dtype=np.float32))
 
 
-def unit_lists(dense: np.ndarray, sparse, weight: float, power: float = LIST_WORD_POWER):
+def add_list_sums(a, b):
+    """Two chunks' `list_sums` (same lists, same pool) as one: vectors and counts add, highest weights the higher
+    of the two, summed weights add."""
+    (da, wa), (db, wb) = a, b
+    if len(wa) == 1:
+        return da + db, (wa[0] + wb[0],)
+    return da + db, (wa[0].maximum(wb[0]), wa[1] + wb[1])
+
+
+def unit_lists(dense: np.ndarray, words: tuple, weight: float, word_power: float = LIST_WORD_POWER,
+               count_power: float = LIST_COUNT_POWER):
     """`list_sums` -> each list's centroid, its two parts normalised apart, as a passage's are: [unit mean vector,
-    weight x unit (summed TF-IDF rows) ** power] / sqrt(1 + weight^2) (a list with no words: its unit mean vector
-    alone, scaled the same). Normalised together, the words of a list of many passages (which share few rare words)
-    shrank against its vector as the list grew, so a query's words counted for less in larger lists and corpora
-    (README "Adopted: list centroids normalised part by part"). The power (0.5: square roots) damps the words many
-    of a list's passages share against the rare ones a single passage holds, which are what a query's words find
-    (README "Adopted: a list's words at the square root of their sums"; 1 = the mean row)."""
-    if power != 1:
-        sparse = csr_matrix(sparse, dtype=np.float32, copy=True)
-        sparse.data = np.power(np.maximum(sparse.data, 0), np.float32(power))  # float32 in, float32 out
+    weight x unit word part] / sqrt(1 + weight^2) (a list with no words: its unit mean vector alone, scaled the
+    same). Normalised together, the words of a list of many passages (which share few rare words) shrank against
+    its vector as the list grew, so a query's words counted for less in larger lists and corpora (README "Adopted:
+    list centroids normalised part by part"). The word part: pool "max", each term's highest weight among the
+    list's passages x (the passages holding it) ** count_power; pool "sum", each term's summed weight **
+    word_power (1 = the mean row). Either way the rare words a single passage holds, which are what a query's words
+    find, are not buried by the words many of the list's passages share (README "Adopted: a list's words at the
+    square root of their sums", "Adopted: a list's words at their highest weight")."""
+    if len(words) == 2:
+        top, count = words
+        scale = csr_matrix(count, dtype=np.float32, copy=True)
+        scale.data = np.power(scale.data, np.float32(count_power))  # counts >= 1; power 0: ones
+        sparse = csr_matrix(top.multiply(scale), dtype=np.float32)
+    else:
+        sparse = csr_matrix(words[0], dtype=np.float32, copy=True)
+        if word_power != 1:
+            sparse.data = np.power(np.maximum(sparse.data, 0), np.float32(word_power))  # float32 in, float32 out
     dn = np.sqrt((dense * dense).sum(1)).clip(min=1e-12)
     sn = np.sqrt(np.asarray(sparse.multiply(sparse).sum(1)).ravel()).clip(min=1e-12)
     total = np.float32(np.sqrt(1.0 + weight * weight))
@@ -226,14 +263,14 @@ def unit_lists(dense: np.ndarray, sparse, weight: float, power: float = LIST_WOR
         csr_matrix(sparse.multiply((np.float32(weight) / (sn * total)).astype(np.float32)[:, None]), dtype=np.float32)
 
 
-def word_lists(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: float,
-               power: float = LIST_WORD_POWER):
+def word_lists(codes: np.ndarray, K: int, vectors: np.ndarray, words, weight: float, pool: str = LIST_WORDS,
+               word_power: float = LIST_WORD_POWER, count_power: float = LIST_COUNT_POWER):
     """Each list's centroid in the exact space, (K, d) dense part and (K, WIDTH) sparse word part: the mean
-    direction of its passages' unit vectors beside weight x the direction of their exact unit TF-IDF rows' sums,
-    each term's sum ** power (`unit_lists`). Lists are fitted (k-means) on the projected vectors; queries then pick
-    them against these centroids, so a query's words meet the lists' words without the projection's noise
-    (README "Adopted: queries meet the lists' words exactly")."""
-    return unit_lists(*list_sums(codes, K, vectors, words), weight, power)
+    direction of its passages' unit vectors beside weight x the direction of their exact unit TF-IDF rows pooled
+    (`list_sums`, `unit_lists`). Lists are fitted (k-means) on the projected vectors; queries then pick them against
+    these centroids, so a query's words meet the lists' words without the projection's noise (README "Adopted:
+    queries meet the lists' words exactly")."""
+    return unit_lists(*list_sums(codes, K, vectors, words, pool), weight, word_power, count_power)
 
 
 def list_scores(vectors: np.ndarray, words, weight: float, dense: np.ndarray, sparse) -> np.ndarray:

@@ -50,19 +50,23 @@ def exact_tfidf(texts, space):
     return out
 
 
-def exact_list_order(codes, K, r_docs, w_docs, r_queries, w_queries, weight, query_weight, power=0.5):
+def exact_list_order(codes, K, r_docs, w_docs, r_queries, w_queries, weight, query_weight, pool="max",
+                     word_power=0.5, count_power=0.25):
     """Lists nearest-first for each query against each list's exact centroid, by hand: the mean direction of its
-    passages' unit vectors beside weight x the direction of their unit TF-IDF rows' sums, each term's sum ** power
-    (the default's square root), scored with [unit vector, query_weight x unit TF-IDF].
-    -> (order, scores)."""
+    passages' unit vectors beside weight x the direction of its words, each term at its highest weight in the
+    list's unit TF-IDF rows x (the rows holding it) ** count_power (pool "max", the default), or at its summed
+    weight ** word_power (pool "sum"); scored with [unit vector, query_weight x unit TF-IDF]. -> (order, scores)."""
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
     r_docs, r_queries = unit(r_docs), unit(r_queries)
     dense, words = np.zeros((K, r_docs.shape[1])), [dict() for _ in range(K)]
     for i, k in enumerate(codes):
         dense[k] += r_docs[i]
         for b, x in w_docs[i].items():
-            words[k][b] = words[k].get(b, 0.0) + x
-    words = [{b: weight * x ** power for b, x in w.items()} for w in words]
+            words[k].setdefault(b, []).append(x)
+    if pool == "max":
+        words = [{b: weight * max(xs) * len(xs) ** count_power for b, xs in w.items()} for w in words]
+    else:
+        words = [{b: weight * sum(xs) ** word_power for b, xs in w.items()} for w in words]
     # each part at unit norm on its own (the words at `weight`), as a passage's are; then both by sqrt(1 + weight^2)
     dense_norm = np.sqrt((dense ** 2).sum(1))
     words_norm = np.array([np.sqrt(sum(x * x for x in w.values())) or 1.0 for w in words]) / weight
@@ -201,7 +205,8 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     projected_order = np.argsort(-(as_queries @ loaded.centroids.T), axis=1, kind="stable")
     # ... but against each list's exact centroid: its passages' mean vector beside their mean words, unprojected
     assert index.meta["word_routing"] == "exact" and os.path.isfile(tmp_path / "i" / "list_words_vals.npy")
-    assert index.meta["word_lists_norm"] == "parts" and index.meta["list_word_power"] == lexical.LIST_WORD_POWER == 0.5
+    assert index.meta["word_lists_norm"] == "parts" and index.meta["list_words"] == lexical.LIST_WORDS == "max"
+    assert index.meta["list_count_power"] == lexical.LIST_COUNT_POWER == 0.25 and "list_word_power" not in index.meta
     r = kmer_index.routed(v, loaded.center, loaded.transform)
     words = exact_tfidf(TEXTS, space)
     order, scores = exact_list_order(loaded.codes, len(loaded.centroids), r, words, r, words, lexical.DEFAULT_LEXICAL,
@@ -238,7 +243,7 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     assert np.array_equal(grown.word_lists[0], loaded.word_lists[0])
     assert np.array_equal(grown.word_lists[1].toarray(), loaded.word_lists[1].toarray())
     assert grown.meta["word_routing"] == "exact" and grown.meta["word_lists_norm"] == "parts"
-    assert grown.meta["list_word_power"] == 0.5
+    assert grown.meta["list_words"] == "max" and grown.meta["list_count_power"] == 0.25
     # --lexical with the model's codebook, or below 0: one clear line
     for flags in (["--lists", "model", "--lexical", "1"], ["--lexical", "-1"]):
         capsys.readouterr()
@@ -259,7 +264,8 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     assert old.lexical.idf_power == 1.0 and old.query_scale == 1.0 and old.lexical.pair_weight == 0.0
     assert (old.lexical.encode_sparse(TEXTS).indices < lexical.BUCKETS).all()
     for flag, bad in (("--idf_power", "-1"), ("--query_scale", "0"), ("--word_pairs", "-1"),
-                      ("--list_word_power", "0"), ("--list_word_power", "1.5")):
+                      ("--list_word_power", "0"), ("--list_word_power", "1.5"), ("--list_count_power", "-0.1"),
+                      ("--list_count_power", "2")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "p"),
@@ -314,14 +320,18 @@ def test_eval_exact_word_routing_matches_the_index_by_hand():
                             exact_tfidf(queries, space), 1.5, 2.25)[0]
     assert np.array_equal(exact[1], want)  # ... picked against their exact centroids
     assert not np.array_equal(exact[1], projected[1])
-    # --list_word_power 1: each list's words as their mean row (before the square roots); the same lists
-    mean_rows = eval_filter.kmeans_lists(d, q, 8, 0, center=True, whiten=0.5, lex=lex, weight=1.5, query_weight=2.25,
-                                         list_word_power=1.0)
-    assert np.array_equal(mean_rows[0], exact[0])
-    assert np.array_equal(mean_rows[1], exact_list_order(exact[0], 8, (d - mean) @ w, exact_tfidf(docs, space),
-                                                         (q - mean) @ w, exact_tfidf(queries, space), 1.5, 2.25,
-                                                         power=1.0)[0])
-    assert not np.array_equal(mean_rows[1], exact[1])
+    # the other poolings of a list's words pick among the same lists, each as by hand, each in its own order:
+    # --list_words sum (square roots of the sums), --list_word_power 1 (the mean row), --list_count_power 0 (max alone)
+    orders = [exact[1]]
+    for pool, word_power, count_power in (("sum", 0.5, 0.25), ("sum", 1.0, 0.25), ("max", 0.5, 0.0)):
+        got = eval_filter.kmeans_lists(d, q, 8, 0, center=True, whiten=0.5, lex=lex, weight=1.5, query_weight=2.25,
+                                       list_words=pool, list_word_power=word_power, list_count_power=count_power)
+        assert np.array_equal(got[0], exact[0])
+        assert np.array_equal(got[1], exact_list_order(exact[0], 8, (d - mean) @ w, exact_tfidf(docs, space),
+                                                       (q - mean) @ w, exact_tfidf(queries, space), 1.5, 2.25, pool,
+                                                       word_power, count_power)[0])
+        assert all(not np.array_equal(got[1], o) for o in orders)
+        orders.append(got[1])
     # the exact rows are unit TF-IDF and project to what `vectors` gives
     x = lex[2]
     assert np.allclose(np.sqrt(np.asarray(x.multiply(x).sum(1)).ravel()), 1, atol=1e-5)
@@ -342,11 +352,44 @@ def test_a_lists_words_weigh_the_same_however_many_passages_it_holds():
     total = np.sqrt(1 + weight ** 2)
     assert np.allclose(np.linalg.norm(dense, axis=1), 1 / total, atol=1e-5)
     assert np.allclose(np.sqrt(np.asarray(words.multiply(words).sum(1)).ravel()), weight / total, atol=1e-5)
-    # a query naming one passage's words scores its words against either list by its share of that list's words
-    # (each term's sum at its square root: a passage's row x the row's square root, over the list's norm)
+    # a query naming one passage's words scores its words against either list by its share of that list's words:
+    # each term held by one passage, at that passage's weight (count 1), so the list's words are its passages' rows
+    # side by side
     q = space.encode_sparse([docs[0], docs[1]])
+    word_scores = np.asarray((q @ words.T).todense())
+    assert np.isclose(word_scores[0, 0], weight / total, atol=1e-5)
+    assert np.isclose(word_scores[1, 1], weight / total / np.sqrt(39), atol=1e-5)
+    # --list_words sum, each term's sum at its square root: a passage's row x the row's square root, over the norm
+    words = lexical.word_lists(codes, 2, vectors, space.encode_sparse(docs), weight, "sum")[1]
     word_scores = np.asarray((q @ words.T).todense())
     row = q[0].data
     share = (row ** 1.5).sum() / np.sqrt(row.sum())
     assert np.isclose(word_scores[0, 0], weight / total * share, atol=1e-5)
     assert np.isclose(word_scores[1, 1], weight / total * share / np.sqrt(39), atol=1e-5)
+
+
+def test_a_lists_words_are_their_highest_weights_times_their_counts_and_chunks_combine():
+    """Pool "max": each term of a list at its highest weight among the list's passages x (the passages holding it)
+    ** the count power; a corpus summed in chunks (as `kmer_index.py build` streams it) gives the same lists as in
+    one go, for either pool."""
+    docs = ["red apple pie", "red apple", "red wine", "green tea", "green apple tea", "blue sky"]
+    space = lexical.LexicalSpace.fit(docs, pair_weight=0.0)
+    x = space.encode_sparse(docs)
+    codes = np.array([0, 0, 0, 1, 1, 2])
+    vectors = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+    dense, (top, count) = lexical.list_sums(codes, 3, vectors, x)
+    red, apple = (int(space.bag(t)[0][0]) for t in ("red", "apple"))
+    rows = x.toarray()
+    assert np.isclose(top[0, red], rows[:3, red].max()) and count[0, red] == 3 and count[0, apple] == 2
+    assert top[2, red] == 0 and count[1, apple] == 1 and np.isclose(top[1, apple], rows[4, apple])
+    assert np.allclose(dense, np.stack([lexical.unit_rows(vectors)[codes == k].sum(0) for k in range(3)]), atol=1e-6)
+    _, part = lexical.unit_lists(dense, (top, count), 1.0, count_power=0.25)
+    want = top.toarray() * np.where(count.toarray() > 0, count.toarray(), 1) ** 0.25
+    want /= np.sqrt(2) * np.linalg.norm(want, axis=1, keepdims=True)
+    assert np.allclose(part.toarray(), want, atol=1e-6)
+    for pool in lexical.LIST_POOLS:
+        whole = lexical.list_sums(codes, 3, vectors, x, pool)
+        halves = lexical.add_list_sums(lexical.list_sums(codes[:2], 3, vectors[:2], x[:2], pool),
+                                       lexical.list_sums(codes[2:], 3, vectors[2:], x[2:], pool))
+        assert np.allclose(whole[0], halves[0], atol=1e-6)
+        assert all(np.allclose(a.toarray(), b.toarray(), atol=1e-6) for a, b in zip(whole[1], halves[1]))
