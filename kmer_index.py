@@ -179,6 +179,7 @@ class Index:
                  word_lists=None):
         self.meta, self.centroids, self.codes, self.ids, self.sources = meta, centroids, codes, ids, sources
         self.word_lists = word_lists  # (dense (K, d), csr (K, WIDTH)): exact list centroids; None = projected
+        self._words_t = None  # word_lists' words transposed, (WIDTH, K) csr: made once, on the first query
         self.center = center  # (d,) subtracted from every vector before routing; None = no centring
         self.transform = transform  # (d, d) applied after centring (--whiten); None = none
         self.lexical_weight = float(meta.get("lexical", 0.0))  # 0: the model's vectors alone
@@ -259,8 +260,10 @@ class Index:
         if self.word_lists is None:
             return self.route(vectors, texts, query) @ self.centroids.T
         weight = self._text_weight(texts, len(vectors), query)
+        if self._words_t is None:
+            self._words_t = self.word_lists[1].T.tocsr()
         return lexical.list_scores(routed(vectors, self.center, self.transform), self.lexical.encode_sparse(texts),
-                                   weight, *self.word_lists)
+                                   weight, *self.word_lists, self._words_t)
 
     def search(self, q_vec: np.ndarray, n_probe: int = 0, budget: float = 0.0,
                texts: list[str] | None = None) -> list[dict]:

@@ -212,6 +212,10 @@ def test_index_routes_on_the_model_vector_beside_the_lexical_part(ckpt, tmp_path
     order, scores = exact_list_order(loaded.codes, len(loaded.centroids), r, words, r, words, lexical.DEFAULT_LEXICAL,
                                      lexical.DEFAULT_LEXICAL * lexical.QUERY_SCALE)
     assert np.allclose(loaded.list_scores(v, TEXTS, query=True), scores, atol=1e-4)
+    assert np.allclose(loaded.list_scores(v[3:4], TEXTS[3:4], query=True), scores[3:4], atol=1e-4)  # one query,
+    assert np.allclose(loaded.list_scores(v[3:4], TEXTS[3:4]), exact_list_order(  # the kept transpose reused
+        loaded.codes, len(loaded.centroids), r, words, r[3:4], words[3:4], lexical.DEFAULT_LEXICAL,
+        lexical.DEFAULT_LEXICAL)[1], atol=1e-4)  # and as a passage (the weight without the query scale)
     assert [h["codes"] for h in loaded.search(v, n_probe=3, texts=TEXTS)] == order[:, :3].tolist()
     # --word_routing projected: the k-means centroids on the projected words, as indexes built before
     kmer_index.main(["build", "--checkpoint", str(ckpt), "--corpus", a, "--index", str(tmp_path / "pr"),
