@@ -3,12 +3,18 @@
     python benchmark.py                                   # CPU, default config (untrained weights)
     python benchmark.py --checkpoint runs/demo/kmer_vqvae_phase2_aligned.pt
     python benchmark.py --device cuda --compile           # bf16 autocast on CUDA, optionally compiled
+    python benchmark.py --checkpoint runs/demo/kmer_vqvae_phase2_aligned.pt --index_lists 512,1024,4096
 
 Prints a markdown table: tokenizer (k-mer vs the teacher's WordPiece), encoding of ~40-character
 queries and ~400-character passages (vs SentenceTransformer.encode; also with int8 dynamic
 quantisation on CPU and, for bag-path models, with the weighted bag alone), and training k-mers/s and
 peak memory for one step shape of each phase. Speed does not depend on trained weights, so an
 untrained default-config model measures the same as a trained one.
+
+With --index_lists (and a checkpoint): builds an index (`kmer_index.py build`) over SQuAD dev's passages and
+--index_distractors bundled web passages at each number of lists, in a temporary folder, and times what a
+query costs once its vector is known (scoring every list, a whole 1% search, its words alone), one query at a
+time and in a batch, against the teacher and the k-mer model embedding one query at a time in the same run.
 """
 from __future__ import annotations
 
@@ -92,9 +98,19 @@ def main():
     ap.add_argument("--teacher", default="", help="teacher path or Hub name (default: as the training scripts)")
     ap.add_argument("--teacher_precision", default="auto", choices=PRECISIONS,
                     help="as the scripts: auto = bf16 where the hardware has it (README 'Adopted: a bf16 teacher')")
+    ap.add_argument("--index_lists", default="", help="comma-separated numbers of lists: also time a query's list "
+                    "picking in indexes built with each (needs --checkpoint; README 'Index a corpus and query it')")
+    ap.add_argument("--index_distractors", type=int, default=19000,
+                    help="bundled web passages added to SQuAD dev's 2,067 passages for --index_lists")
+    ap.add_argument("--index_encoder", default="bag", choices=("full", "bag"),
+                    help="the index's passage encoder (`build --encoder`); list picking costs the same either way")
+    ap.add_argument("--index_queries", type=int, default=100, help="queries timed one at a time for --index_lists")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
+        lists = parse_lists(args.index_lists)
+        if lists and not args.checkpoint:
+            raise tc.UserError("--index_lists needs --checkpoint: an index is built by a trained model's checkpoint")
         device = tc.pick_device(args.device)
     except tc.UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -191,10 +207,92 @@ def main():
     rate_1a = train[0][1]
     print(f"\nprojection: Phase 1a at 200M k-mers takes {200e6 / rate_1a / 3600:.1f} h at {rate_1a:,.0f} k-mers/s "
           f"on this device (teacher targets cached; batch {args.batch_size})")
+    index_rows = index_costs(args, lists, f, teacher) if lists else []
     if args.output:
         with open(args.output, "w") as fh:
-            json.dump({"device": dev, "teacher_precision": teacher.precision, "encode": rows, "train": train}, fh,
-                      indent=2)
+            json.dump({"device": dev, "teacher_precision": teacher.precision, "encode": rows, "train": train,
+                       "index": index_rows}, fh, indent=2)
+
+
+def parse_lists(spec: str) -> list[int]:
+    """"512,1024" -> [512, 1024]; one error line for anything else."""
+    try:
+        lists = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        lists = [0]
+    if any(k < 2 for k in lists):
+        raise tc.UserError(f"--index_lists {spec!r}: give numbers of lists of at least 2, comma-separated (512,1024)")
+    return lists
+
+
+def per_query_ms(fn, items: list, n: int) -> float:
+    """Median over `n` items of fn(one item), in ms, after one warm-up call."""
+    fn(items[:1])
+    times = []
+    for i in range(min(n, len(items))):
+        t0 = time.perf_counter()
+        fn(items[i:i + 1])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def index_costs(args, lists: list[int], f, teacher) -> list[dict]:
+    """Build an index over SQuAD dev's passages + bundled web passages at each number of lists (temporary
+    folder) and time a query's list picking once its vector is known, beside the teacher and the k-mer model
+    embedding one query, all in this run."""
+    import tempfile
+
+    import eval_filter
+    import kmer_index
+    rows = [json.loads(l) for l in gzip.open(os.path.join(tc.REPO, "data", "pairs", "squad_dev.jsonl.gz"), "rt")]
+    docs = list(dict.fromkeys(r["context"] for r in rows))
+    docs += eval_filter.web_distractors(args.index_distractors, {r["title"] for r in rows})
+    queries = [r["question"] for r in rows][:max(args.index_queries, args.n)]
+    n = args.index_queries
+    teacher_ms = per_query_ms(teacher.encode_uncached, queries, n)
+    kmer_ms = per_query_ms(lambda q: kmer_index.encode_vectors(f, q, "query"), queries, n)
+    qv = kmer_index.encode_vectors(f, queries, "query")
+    out = []
+    with tempfile.TemporaryDirectory(prefix="kmer_bench_") as tmp:
+        corpus = os.path.join(tmp, "corpus.jsonl")
+        with open(corpus, "w") as fh:
+            for i, t in enumerate(docs):
+                fh.write(json.dumps({"_id": str(i), "text": t}) + "\n")
+        for K in lists:
+            folder = os.path.join(tmp, f"index{K}")
+            t0 = time.perf_counter()
+            kmer_index.main(["build", "--checkpoint", args.checkpoint, "--corpus", corpus, "--index", folder,
+                             "--num_lists", str(K), "--encoder", args.index_encoder])
+            build_s = time.perf_counter() - t0
+            index = kmer_index.Index.load(folder)
+            words = index.word_lists[1] if index.word_lists is not None else None
+            t0 = time.perf_counter()
+            index.list_scores(qv[:1], queries[:1], query=True)  # the first query transposes the lists' words
+            first_ms = (time.perf_counter() - t0) * 1e3
+            score_ms = per_query_ms(lambda i: index.list_scores(qv[i], [queries[j] for j in i], query=True),
+                                    list(range(len(queries))), n)
+            search_ms = per_query_ms(lambda i: index.search(qv[i], budget=0.01, texts=[queries[j] for j in i]),
+                                     list(range(len(queries))), n)
+            t0 = time.perf_counter()
+            index.list_scores(qv, queries, query=True)
+            batch_ms = (time.perf_counter() - t0) * 1e3 / len(queries)
+            words_ms = per_query_ms(index.lexical.encode_sparse, queries, n) if index.lexical is not None else 0.0
+            out.append({"lists": K, "passages": len(docs), "build_s": build_s,
+                        "list_terms": int(words.nnz) if words is not None else 0,
+                        "first_query_ms": first_ms, "score_ms": score_ms, "search_1pct_ms": search_ms,
+                        "batch_score_ms": batch_ms, "query_words_ms": words_ms})
+    print(f"\nindex: {len(docs):,} passages (SQuAD dev + {args.index_distractors:,} web), `build --encoder "
+          f"{args.index_encoder}`; per query, one at a time (median of {n}), the query's vector given; "
+          f"embedding one query: teacher {teacher_ms:.2f} ms, k-mer model {kmer_ms:.2f} ms")
+    print("\n| lists | build (s) | list terms | score every list (ms) | 1% search (ms) | batched, per query (ms) "
+          "| the query's words (ms) | first query (ms) | 1% search / teacher query |\n|---|---|---|---|---|---|---|---|---|")
+    for r in out:
+        print(f"| {r['lists']:,} | {r['build_s']:.0f} | {r['list_terms'] / 1e6:.1f} M | {r['score_ms']:.2f} | "
+              f"{r['search_1pct_ms']:.2f} | {r['batch_score_ms']:.2f} | {r['query_words_ms']:.3f} | "
+              f"{r['first_query_ms']:.0f} | {r['search_1pct_ms'] / teacher_ms:.3f}x |")
+    for r in out:
+        r.update(teacher_query_ms=teacher_ms, kmer_query_ms=kmer_ms)
+    return out
 
 
 if __name__ == "__main__":

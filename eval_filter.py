@@ -116,6 +116,26 @@ def web_distractors(n: int, exclude_titles=(), root: str = os.path.join(REPO, "d
     return [passages[i] for i in sorted(order)]
 
 
+def file_distractors(paths: list[str], n: int, known=()) -> list[str]:
+    """n passages (0 = all) of corpus files read as `kmer_index.py build --corpus` reads them (JSONL with _id and
+    text, a title before the text; else one passage per line), in a fixed shuffle, for `--distractor_files`:
+    the set's own passages (`known`) and repeats left out."""
+    from kmer_index import read_corpus
+    seen = set(known)
+    passages = []
+    for i, path in enumerate(paths):
+        for chunk in read_corpus(path, i):
+            for _, text, _ in chunk:
+                if text.strip() and text not in seen:
+                    seen.add(text)
+                    passages.append(text)
+    if n > len(passages):
+        raise UserError(f"--distractors {n}: {', '.join(paths)} hold{'s' if len(paths) == 1 else ''} "
+                        f"{len(passages):,} passages not in the set; give at most that (0 = all)")
+    order = np.random.default_rng(0).permutation(len(passages))[:n or len(passages)]
+    return [passages[i] for i in sorted(order)]
+
+
 def recall_curves(code_of_doc: np.ndarray, probe_order: np.ndarray, rel_docs: list[np.ndarray],
                   fractions=FRACTIONS) -> tuple[dict, list[dict], dict]:
     """Recall at corpus fractions (partial last code counted by its expected share) + n-probe table
@@ -341,6 +361,10 @@ def main(argv=None) -> dict:
                     help="add this many passages of the bundled web text (Wikipedia, C4) to the corpus, judged "
                          "relevant to no query: the same queries against a larger corpus (README \"Adopted: list "
                          "centroids normalised part by part\")")
+    ap.add_argument("--distractor_files", nargs="+", default=[],
+                    help="take the distractors from these corpus files instead (JSONL with _id and text, or one "
+                         "passage per line, as kmer_index.py build --corpus): --distractors N of their passages in a "
+                         "fixed shuffle, or all of them with --distractors 0; the set's own passages are left out")
     ap.add_argument("--output_dir", default="", help="default: the checkpoint's folder")
     ap.add_argument("--teacher", default="")
     ap.add_argument("--teacher_cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kmer_vqvae", "teacher"))
@@ -420,14 +444,20 @@ def run(args) -> dict:
         doc_ids, docs, qids, queries, qrels = load_beir(folder, args.split)
     if args.distractors < 0:
         raise UserError(f"--distractors {args.distractors}: give a number of passages >= 0")
-    if args.distractors:  # a larger corpus: the bundled web text beside the set's passages
+    if args.distractor_files:  # a larger corpus: the user's passages beside the set's
+        more = file_distractors(args.distractor_files, args.distractors, docs)
+        args.distractors = len(more)
+        doc_ids, docs = doc_ids + [f"distractor:{i}" for i in range(len(more))], docs + more
+        extra["distractors"], extra["distractor_files"] = len(more), [os.path.abspath(p) for p in args.distractor_files]
+    elif args.distractors:  # a larger corpus: the bundled web text beside the set's passages
         titles = ({json.loads(l)["title"] for l in _open(args.squad_file)} if args.dataset == "squad" else ())
         more = web_distractors(args.distractors, titles)
         doc_ids, docs = doc_ids + [f"distractor:{i}" for i in range(len(more))], docs + more
         extra["distractors"] = len(more)
     index = {d: i for i, d in enumerate(doc_ids)}
     rel_docs = [np.array(sorted(index[d] for d in qrels[q])) for q in qids]
-    print(f"{args.dataset}: {len(docs)} passages{f' ({args.distractors:,} of them bundled web text)' if args.distractors else ''}, "
+    source = "of your distractor files" if args.distractor_files else "bundled web text"
+    print(f"{args.dataset}: {len(docs)} passages{f' ({args.distractors:,} of them {source})' if args.distractors else ''}, "
           f"{len(queries)} queries with relevant passages")
 
     # 2. student codes
@@ -555,7 +585,7 @@ def run(args) -> dict:
     stem = (os.path.splitext(os.path.basename(args.checkpoint))[0] + "_int8" * args.int8 + "_bag" * args.bag_only
             + "_bf16" * args.bf16 + (f"_lists{L}" if L != K else "")
             + (f"_seeds{args.list_seeds}" if args.list_seeds > 1 else ""))
-    name += f"+web{args.distractors}" if args.distractors else ""
+    name += (f"+{'files' if args.distractor_files else 'web'}{args.distractors}" if args.distractors else "")
     json_path = os.path.join(out_dir, f"{stem}_{name}_filter_eval.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)

@@ -236,6 +236,25 @@ def test_web_distractors_are_fixed_nested_and_leave_out_the_named_pages():
     assert not any(p.startswith(first) for p in left) and len(set(everything) - set(left)) < 100 + 20
 
 
+
+def test_file_distractors_read_both_corpus_formats_leave_out_the_set_and_repeats(tmp_path):
+    import eval_filter
+    from train_common import UserError
+    rows = [{"_id": f"w{i}", "title": f"Page {i}" if i % 2 else "", "text": f"paragraph {i} of a page"} for i in range(30)]
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    b = tmp_path / "b.txt"
+    b.write_text("one passage per line\n\nparagraph 3 of a page\nthe set's own passage\none passage per line\n")
+    got = eval_filter.file_distractors([str(a), str(b)], 0, known=["the set's own passage"])
+    want = {f"Page {i}. paragraph {i} of a page" if i % 2 else f"paragraph {i} of a page" for i in range(30)}
+    assert set(got) == want | {"one passage per line", "paragraph 3 of a page"} and len(got) == 32  # no repeats
+    few = eval_filter.file_distractors([str(a), str(b)], 10, known=["the set's own passage"])
+    assert len(few) == 10 and set(few) <= set(got)
+    assert few == eval_filter.file_distractors([str(a), str(b)], 10, known=["the set's own passage"])  # fixed
+    assert [p for p in got if p in few] == few  # in file order, as the bundled distractors are
+    with pytest.raises(UserError, match="--distractors 40: .* hold 32 passages not in the set"):
+        eval_filter.file_distractors([str(a), str(b)], 40, known=["the set's own passage"])
+
 def test_bundled_retrieval_sets_load_with_their_judgements():
     import eval_filter
     sets = {}

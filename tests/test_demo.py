@@ -69,3 +69,12 @@ def test_quick_demo_chain(tmp_path, teacher_cache_dir, capsys):
     assert big["distractors"] == 30 and big["passages"] == 1460 + 30 and big["queries"] == two["queries"]
     assert big["query_set"] == two["query_set"] and big["json"].endswith("_lists8_cisi+web30_filter_eval.json")
     assert big["methods"]["kmer_vqvae_ivf_lexical"]["codes"] == 8
+    # --distractor_files: the distractors come from the user's corpus file instead (here, 30 of its 40 lines)
+    own = tmp_path / "mine.txt"
+    own.write_text("".join(f"a distractor passage about subject number {i}\n" for i in range(40)))
+    mine = eval_filter.main(common + ["--distractors", "30", "--distractor_files", str(own),
+                                      "--output_dir", str(tmp_path / "files")])
+    assert mine["distractors"] == 30 and mine["passages"] == 1460 + 30 and mine["query_set"] == two["query_set"]
+    assert mine["distractor_files"] == [str(own)] and mine["json"].endswith("_lists8_cisi+files30_filter_eval.json")
+    assert mine["methods"]["random"] != big["methods"]["random"] or mine["methods"]["kmer_vqvae_ivf"] != \
+        big["methods"]["kmer_vqvae_ivf"]  # another corpus, other lists

@@ -8,7 +8,7 @@ import torch
 
 import kmer_index
 import vqvae_phase1_train as p1
-from train_common import parse_config
+from train_common import REPO, parse_config
 from vqvae_phase1_model import load_checkpoint, load_pretrained, save_checkpoint
 
 
@@ -276,3 +276,28 @@ def test_default_lists_grow_with_the_corpus(ckpt, tmp_path, capsys):
                          "--num_lists", "-1"])
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --num_lists -1: give a number of lists >= 1") and len(err.splitlines()) == 1
+
+
+def test_benchmark_times_list_picking_in_indexes_it_builds(ckpt, tmp_path, teacher_cache_dir):
+    """`benchmark.py --index_lists`: the README's command for what picking lists costs a query runs, builds one index
+    per number of lists over SQuAD dev + web passages, and reports each; without a checkpoint, or with a bad list, it
+    is one error line."""
+    import subprocess
+    import sys
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "benchmark.py", "--checkpoint", str(ckpt), "--n", "8", "--repeats", "1",
+                        "--batch_size", "8", "--index_lists", "8,16", "--index_distractors", "40", "--index_queries",
+                        "5", "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.load(open(out))["index"]
+    assert [x["lists"] for x in rows] == [8, 16]
+    assert all(x["passages"] == 2_067 + 40 and x["list_terms"] > 0 for x in rows)
+    assert all(x[k] > 0 for x in rows for k in ("score_ms", "search_1pct_ms", "teacher_query_ms", "kmer_query_ms"))
+    assert "| 16 |" in r.stdout
+    for args, start in ((["--index_lists", "512"], "error: --index_lists needs --checkpoint"),
+                        (["--checkpoint", "x.pt", "--index_lists", "512,a"], "error: --index_lists '512,a': give")):
+        r = subprocess.run([sys.executable, "benchmark.py", *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip().startswith(start), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
