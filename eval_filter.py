@@ -203,14 +203,19 @@ def seeded_lists_row(fit, seeds, rel_docs) -> tuple[dict, tuple]:
     return row, fits[0]
 
 
+QUERY_CHUNK = 512  # queries ranked against the whole corpus at once (exact rows, the re-ranker alone)
+
+
 def exact_row(q_emb: np.ndarray, d_emb: np.ndarray, rel_docs, fractions=FRACTIONS) -> dict:
     """Exact top-k at the same budgets (fractional k counted by expected share): the mean recall curve
     and per-query recall at the PAIRED fractions."""
-    sims = q_emb @ d_emb.T
-    ranks = (-sims).argsort(1).argsort(1)  # rank of each doc per query
     N = d_emb.shape[0]
-    at_fraction = {f: [np.clip(f * N - ranks[i, rel], 0, 1).sum() / len(rel) for i, rel in enumerate(rel_docs)]
-                   for f in fractions}
+    at_fraction = {f: [] for f in fractions}
+    for start in range(0, len(q_emb), QUERY_CHUNK):  # a chunk of queries at a time: memory ~ chunk x N, not Q x N
+        ranks = (-(q_emb[start:start + QUERY_CHUNK] @ d_emb.T)).argsort(1).argsort(1)  # each doc's rank per query
+        for i, rel in enumerate(rel_docs[start:start + QUERY_CHUNK]):
+            for f in fractions:
+                at_fraction[f].append(np.clip(f * N - ranks[i, rel], 0, 1).sum() / len(rel))
     return {"recall_at_fraction": {str(f): float(np.mean(v)) for f, v in at_fraction.items()},
             "per_query": per_query(at_fraction)}
 
@@ -247,7 +252,8 @@ def two_stage(code_of_doc, probe_order, q_emb, d_emb, rel_docs, fractions=(0.01,
             rec.append(np.isin(rel, top).mean())
             kept.append(len(cand))
         out[str(f)] = {"recall_at_k": float(np.mean(rec)), "embedded_per_query": float(np.mean(kept))}
-    top = np.argsort(-(q_emb @ d_emb.T), axis=1)[:, :k]
+    top = np.concatenate([np.argsort(-(q_emb[i:i + QUERY_CHUNK] @ d_emb.T), axis=1)[:, :k]
+                          for i in range(0, len(q_emb), QUERY_CHUNK)]) if len(q_emb) else np.zeros((0, k), np.int64)
     out["1.0"] = {"recall_at_k": float(np.mean([np.isin(r, t).mean() for r, t in zip(rel_docs, top)])),
                   "embedded_per_query": float(N)}
     return out

@@ -30,6 +30,27 @@ def test_exact_per_query_recall_follows_each_querys_rank():
     assert row["per_query"]["0.05"] == [1.0, 1.0]
 
 
+
+def test_exact_rows_ranked_a_chunk_of_queries_at_a_time_equal_the_whole_matrix_by_hand(monkeypatch):
+    """exact_row and the re-ranker-alone row rank QUERY_CHUNK queries at a time (memory ~ chunk x N): with chunks of 3
+    over 10 queries (the last one short) each query keeps what ranking all of them at once by hand gives."""
+    import eval_filter
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=(200, 8)).astype(np.float32)
+    rel = [rng.choice(200, size=1 + i % 3, replace=False) for i in range(10)]
+    q = np.stack([d[r[0]] + 0.3 * rng.normal(size=8) for r in rel]).astype(np.float32)  # near its first passage
+    rank = (-(q @ d.T)).argsort(1).argsort(1)
+    want = {f: [float(np.clip(f * 200 - rank[i, r], 0, 1).sum() / len(r)) for i, r in enumerate(rel)] for f in (0.01, 0.05)}
+    top = np.argsort(-(q @ d.T), axis=1)[:, :10]
+    want_top = float(np.mean([np.isin(r, t).mean() for r, t in zip(rel, top)]))
+    monkeypatch.setattr(eval_filter, "QUERY_CHUNK", 3)
+    row = eval_filter.exact_row(q, d, rel)
+    assert row["per_query"]["0.01"] == pytest.approx(want[0.01], abs=1e-4)
+    assert row["per_query"]["0.05"] == pytest.approx(want[0.05], abs=1e-4) and 0 < np.mean(want[0.05]) < 1
+    codes = np.arange(200) % 4
+    alone = eval_filter.two_stage(codes, np.tile(np.arange(4), (10, 1)), q, d, rel)["1.0"]
+    assert alone["recall_at_k"] == pytest.approx(want_top) and 0 < want_top < 1
+
 def _report(methods: dict, query_set="abc") -> dict:
     return {"dataset": "squad", "queries": len(next(iter(methods.values()))["0.01"]), "query_set": query_set,
             "methods": {m: {"recall_at_fraction": {f: float(np.mean(v)) for f, v in pq.items()}, "per_query": pq}
