@@ -48,8 +48,13 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def squad_rows() -> list[dict]:
+    """The bundled SQuAD dev rows (title, context, question)."""
+    return [json.loads(l) for l in gzip.open(os.path.join(tc.REPO, "data", "pairs", "squad_dev.jsonl.gz"), "rt")]
+
+
 def texts(n: int):
-    rows = [json.loads(l) for l in gzip.open(os.path.join(tc.REPO, "data", "pairs", "squad_dev.jsonl.gz"), "rt")]
+    rows = squad_rows()
     queries = [r["question"] for r in rows][:n]
     passages = []
     for c in dict.fromkeys(r["context"] for r in rows):
@@ -244,7 +249,7 @@ def index_costs(args, lists: list[int], f, teacher) -> list[dict]:
 
     import eval_filter
     import kmer_index
-    rows = [json.loads(l) for l in gzip.open(os.path.join(tc.REPO, "data", "pairs", "squad_dev.jsonl.gz"), "rt")]
+    rows = squad_rows()
     docs = list(dict.fromkeys(r["context"] for r in rows))
     docs += eval_filter.web_distractors(args.index_distractors, {r["title"] for r in rows})
     queries = [r["question"] for r in rows][:max(args.index_queries, args.n)]

@@ -206,13 +206,20 @@ def seeded_lists_row(fit, seeds, rel_docs) -> tuple[dict, tuple]:
 QUERY_CHUNK = 512  # queries ranked against the whole corpus at once (exact rows, the re-ranker alone)
 
 
+def query_chunks(q_emb: np.ndarray, d_emb: np.ndarray):
+    """(start, similarities of up to QUERY_CHUNK queries from `start` to every passage), chunk after chunk: memory
+    ~ chunk x N, not Q x N; each query's row is what the whole Q x N product gives."""
+    for start in range(0, len(q_emb), QUERY_CHUNK):
+        yield start, q_emb[start:start + QUERY_CHUNK] @ d_emb.T
+
+
 def exact_row(q_emb: np.ndarray, d_emb: np.ndarray, rel_docs, fractions=FRACTIONS) -> dict:
     """Exact top-k at the same budgets (fractional k counted by expected share): the mean recall curve
     and per-query recall at the PAIRED fractions."""
     N = d_emb.shape[0]
     at_fraction = {f: [] for f in fractions}
-    for start in range(0, len(q_emb), QUERY_CHUNK):  # a chunk of queries at a time: memory ~ chunk x N, not Q x N
-        ranks = (-(q_emb[start:start + QUERY_CHUNK] @ d_emb.T)).argsort(1).argsort(1)  # each doc's rank per query
+    for start, sims in query_chunks(q_emb, d_emb):
+        ranks = (-sims).argsort(1).argsort(1)  # each doc's rank per query
         for i, rel in enumerate(rel_docs[start:start + QUERY_CHUNK]):
             for f in fractions:
                 at_fraction[f].append(np.clip(f * N - ranks[i, rel], 0, 1).sum() / len(rel))
@@ -252,10 +259,9 @@ def two_stage(code_of_doc, probe_order, q_emb, d_emb, rel_docs, fractions=(0.01,
             rec.append(np.isin(rel, top).mean())
             kept.append(len(cand))
         out[str(f)] = {"recall_at_k": float(np.mean(rec)), "embedded_per_query": float(np.mean(kept))}
-    top = np.concatenate([np.argsort(-(q_emb[i:i + QUERY_CHUNK] @ d_emb.T), axis=1)[:, :k]
-                          for i in range(0, len(q_emb), QUERY_CHUNK)]) if len(q_emb) else np.zeros((0, k), np.int64)
-    out["1.0"] = {"recall_at_k": float(np.mean([np.isin(r, t).mean() for r, t in zip(rel_docs, top)])),
-                  "embedded_per_query": float(N)}
+    alone = [np.isin(rel_docs[start + i], top).mean()
+             for start, sims in query_chunks(q_emb, d_emb) for i, top in enumerate(np.argsort(-sims, axis=1)[:, :k])]
+    out["1.0"] = {"recall_at_k": float(np.mean(alone)), "embedded_per_query": float(N)}
     return out
 
 
@@ -450,20 +456,20 @@ def run(args) -> dict:
         doc_ids, docs, qids, queries, qrels = load_beir(folder, args.split)
     if args.distractors < 0:
         raise UserError(f"--distractors {args.distractors}: give a number of passages >= 0")
-    if args.distractor_files:  # a larger corpus: the user's passages beside the set's
+    more = []  # a larger corpus: the user's passages (--distractor_files) or the bundled web text beside the set's
+    if args.distractor_files:
         more = file_distractors(args.distractor_files, args.distractors, docs)
-        args.distractors = len(more)
-        doc_ids, docs = doc_ids + [f"distractor:{i}" for i in range(len(more))], docs + more
-        extra["distractors"], extra["distractor_files"] = len(more), [os.path.abspath(p) for p in args.distractor_files]
-    elif args.distractors:  # a larger corpus: the bundled web text beside the set's passages
+        extra["distractor_files"] = [os.path.abspath(p) for p in args.distractor_files]
+    elif args.distractors:
         titles = ({json.loads(l)["title"] for l in _open(args.squad_file)} if args.dataset == "squad" else ())
         more = web_distractors(args.distractors, titles)
+    if args.distractor_files or args.distractors:
         doc_ids, docs = doc_ids + [f"distractor:{i}" for i in range(len(more))], docs + more
         extra["distractors"] = len(more)
     index = {d: i for i, d in enumerate(doc_ids)}
     rel_docs = [np.array(sorted(index[d] for d in qrels[q])) for q in qids]
     source = "of your distractor files" if args.distractor_files else "bundled web text"
-    print(f"{args.dataset}: {len(docs)} passages{f' ({args.distractors:,} of them {source})' if args.distractors else ''}, "
+    print(f"{args.dataset}: {len(docs)} passages{f' ({len(more):,} of them {source})' if more else ''}, "
           f"{len(queries)} queries with relevant passages")
 
     # 2. student codes
@@ -591,7 +597,7 @@ def run(args) -> dict:
     stem = (os.path.splitext(os.path.basename(args.checkpoint))[0] + "_int8" * args.int8 + "_bag" * args.bag_only
             + "_bf16" * args.bf16 + (f"_lists{L}" if L != K else "")
             + (f"_seeds{args.list_seeds}" if args.list_seeds > 1 else ""))
-    name += (f"+{'files' if args.distractor_files else 'web'}{args.distractors}" if args.distractors else "")
+    name += (f"+{'files' if args.distractor_files else 'web'}{len(more)}" if more else "")
     json_path = os.path.join(out_dir, f"{stem}_{name}_filter_eval.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
